@@ -1,0 +1,69 @@
+"""The ``avatar`` command line: parses arguments, calls one library function, prints results.
+
+Errors a user can fix (:class:`avatar.errors.AvatarError`) become one sentence and exit code 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from avatar import __version__
+from avatar.errors import AvatarError
+from avatar.progress import ConsoleProgress
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Our own warnings (two faces found, audio padded...) are always shown.
+    logging.getLogger("avatar").setLevel(min(level, logging.INFO if verbose > 0 else logging.WARNING))
+
+
+class _Group(click.Group):
+    """Turns user-caused errors into one line and a non-zero exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AvatarError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="avatar")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Photoreal 3D talking-head avatars from a few minutes of video."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="Directory to write sample.mp4, sample.wav and sample_truth.npz.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the utterance; another seed gives new speech (e.g. for rendering).")
+@click.option("--duration", type=float, default=24.0, show_default=True, help="Length in seconds.")
+def sample(out_dir: Path, seed: int, duration: float) -> None:
+    """Write the synthetic talking-head sample (video, audio, ground truth) into a directory."""
+    from avatar.sample import SampleConfig, make_sample
+
+    progress = ConsoleProgress()
+    paths = make_sample(out_dir, SampleConfig(seed=seed, duration_s=duration), progress=progress)
+    progress.close()
+    click.echo(f"Wrote {paths.video}, {paths.audio} and {paths.truth}")
+
+
+def entrypoint() -> None:  # pragma: no cover - console script shim
+    main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
