@@ -21,6 +21,8 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Our own warnings (two faces found, audio padded...) are always shown.
     logging.getLogger("avatar").setLevel(min(level, logging.INFO if verbose > 0 else logging.WARNING))
+    # imageio-ffmpeg warns whenever ffmpeg's output size differs from the source: that is our intent.
+    logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
 
 
 class _Group(click.Group):
@@ -59,6 +61,43 @@ def sample(out_dir: Path, seed: int, duration: float) -> None:
     paths = make_sample(out_dir, SampleConfig(seed=seed, duration_s=duration), progress=progress)
     progress.close()
     click.echo(f"Wrote {paths.video}, {paths.audio} and {paths.truth}")
+
+
+@main.command()
+@click.argument("video", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Subject directory to write (resumed if it holds this video's subject).")
+@click.option("--audio", type=click.Path(path_type=Path), default=None,
+              help="Speech to use instead of the video's own audio track.")
+@click.option("--size", type=int, default=512, show_default=True, help="Side of the square crop in pixels.")
+@click.option("--fps", type=float, default=25.0, show_default=True, help="Constant frame rate to resample to.")
+@click.option("--audio-features", default="mel", show_default=True,
+              help="mel (no weights), hubert:PATH_OR_NAME or wav2vec2:PATH_OR_NAME (local weights).")
+@click.option("--device", default="cpu", show_default=True, help="Device for hubert/wav2vec2 features.")
+@click.option("--force", is_flag=True, help="Replace a subject of another video in the output directory.")
+def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: float,
+               audio_features: str, device: str, force: bool) -> None:
+    """Turn a talking-head VIDEO into a tracked subject directory."""
+    from avatar.preprocess.pipeline import PreprocessConfig, preprocess as run_preprocess
+
+    try:
+        config = PreprocessConfig(size=size, fps=fps, audio_features=audio_features, device=device)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    progress = ConsoleProgress()
+    try:
+        summary = run_preprocess(video, out_dir, config, audio=audio, force=force, progress=progress)
+    finally:
+        progress.close()
+    skipped = f" (cached: {', '.join(summary.skipped)})" if summary.skipped else ""
+    click.echo(
+        f"Subject written to {summary.subject_dir}: {summary.n_frames} frames, "
+        f"{summary.valid_share:.1%} tracked, reprojection error {summary.reprojection_error_px:.2f} px, "
+        f"{summary.seconds:.1f} s ({summary.frames_per_second:.1f} frames/s){skipped}."
+    )
+    for warning in summary.warnings:
+        click.echo(f"Warning: {warning}")
+    click.echo(f"Check the tracking: {summary.subject_dir / 'report'}")
 
 
 def entrypoint() -> None:  # pragma: no cover - console script shim

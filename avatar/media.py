@@ -243,7 +243,8 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
 class VideoWriter:
     """Streams RGB frames into an H.264 (yuv420p) mp4, optionally muxing an audio file as AAC.
 
-    Use as a context manager; the mp4 appears at ``path`` only when the block exits cleanly::
+    ``shortest`` ends the file with the shorter of video and audio. Use as a context manager;
+    the mp4 appears at ``path`` only when the block exits cleanly::
 
         with VideoWriter(out, fps=25, audio=wav) as writer:
             for frame in frames:
@@ -251,12 +252,13 @@ class VideoWriter:
     """
 
     def __init__(self, path: Path | str, fps: float, audio: Optional[Path | str] = None,
-                 crf: int = 18, preset: str = "medium"):
+                 crf: int = 18, preset: str = "medium", shortest: bool = False):
         self.path = Path(path)
         self.fps = fps
         self.audio = Path(audio) if audio is not None else None
         self.crf = crf
         self.preset = preset
+        self.shortest = shortest
         self._gen = None
         self._tmp: Optional[Path] = None
         self._ctx = None
@@ -277,7 +279,7 @@ class VideoWriter:
             if h % 2 or w % 2:
                 raise ValueError(f"yuv420p needs even frame sizes, got {w}x{h}")
             out_params = ["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart"]
-            if self.audio is not None:
+            if self.audio is not None and self.shortest:
                 out_params += ["-shortest"]
             self._gen = imageio_ffmpeg.write_frames(
                 str(self._tmp), (w, h), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",

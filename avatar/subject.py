@@ -1,0 +1,287 @@
+"""The subject directory: the one place that knows its on-disk layout.
+
+A subject is what preprocessing makes of one video and what training, rendering and evaluation
+read. Layout (see ARCHITECTURE.md)::
+
+    SUBJECT/
+      subject.json     manifest (written last: its presence means the subject is complete)
+      frames/          000000.jpg ... RGB crops (JPEG quality 95, 4:4:4)
+      masks/           000000.png ... uint8 label maps, legend in subject.json
+      background.png   background plate
+      audio.wav        16 kHz mono
+      tracks.npz       landmarks, pose, camera, face model, expression, blendshapes, audio features
+      report/          QC images
+      .work/           preprocessing cache (step state), safe to delete once complete
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from avatar.errors import InputError
+
+FORMAT_VERSION = 1
+
+MASK_LEGEND: dict[int, str] = {
+    0: "background",
+    1: "torso_neck",
+    2: "face",
+    3: "mouth_interior",
+    4: "hair",
+}
+"""Label values of ``masks/*.png``. ``hair`` also holds ears and the rest of the head outside the face."""
+
+LABEL = {name: value for value, name in MASK_LEGEND.items()}
+
+TRACK_KEYS = (
+    "landmarks",
+    "valid",
+    "intrinsics",
+    "cam_to_world",
+    "face_mean",
+    "face_basis",
+    "expression",
+    "blendshapes",
+    "blendshape_names",
+    "audio_features",
+)
+"""The exact keys of ``tracks.npz``."""
+
+VAL_FRACTION = 1.0 / 11.0
+"""The field's convention: the last 1/11 of the frames is the validation split."""
+
+
+def split_frames(n_frames: int) -> dict[str, list[int]]:
+    """Train/val split as [start, stop) frame ranges: the val split is the last 1/11."""
+    n_val = max(1, int(round(n_frames * VAL_FRACTION))) if n_frames > 1 else 0
+    n_train = n_frames - n_val
+    return {"train": [0, n_train], "val": [n_train, n_frames]}
+
+
+@dataclass
+class SubjectManifest:
+    """Contents of ``subject.json``."""
+
+    n_frames: int
+    fps: float
+    size: int
+    """Side of the square crop in pixels (frames are size x size)."""
+    crop: dict[str, int]
+    """Crop box in source pixels after frame-rate resampling: x, y, w, h, source_w, source_h."""
+    source: dict[str, Any]
+    """path, sha256, duration_s of the source video (and of --audio when given)."""
+    split: dict[str, list[int]]
+    audio_features: dict[str, Any]
+    """kind, model, window, dim: how ``tracks.npz['audio_features']`` was computed."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """valid_share, reprojection_error_px, faces_found, warnings, seconds per step."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """Version of each preprocessing step that produced this subject."""
+    tools: dict[str, str] = field(default_factory=dict)
+    mask_legend: dict[str, str] = field(default_factory=lambda: {str(k): v for k, v in MASK_LEGEND.items()})
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SubjectManifest":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class SubjectPaths:
+    """Paths inside one subject directory."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "subject.json"
+
+    @property
+    def frames_dir(self) -> Path:
+        return self.root / "frames"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.root / "masks"
+
+    @property
+    def background(self) -> Path:
+        return self.root / "background.png"
+
+    @property
+    def audio(self) -> Path:
+        return self.root / "audio.wav"
+
+    @property
+    def tracks(self) -> Path:
+        return self.root / "tracks.npz"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.root / ".work"
+
+    def frame(self, index: int) -> Path:
+        return self.frames_dir / f"{index:06d}.jpg"
+
+    def mask(self, index: int) -> Path:
+        return self.masks_dir / f"{index:06d}.png"
+
+
+def write_json_atomic(path: Path, data: str) -> None:
+    """Write text to ``path`` through a temporary file so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` through a temporary file (no pickled objects: string arrays are stored as unicode)."""
+    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Load every array of an npz without allowing pickles."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def write_manifest(root: Path | str, manifest: SubjectManifest) -> Path:
+    paths = SubjectPaths(root)
+    write_json_atomic(paths.manifest, manifest.to_json())
+    return paths.manifest
+
+
+def read_manifest(root: Path | str) -> SubjectManifest:
+    """Read and check ``subject.json``.
+
+    Raises:
+        InputError: not a complete subject directory, or a format this version cannot read.
+    """
+    paths = SubjectPaths(root)
+    if not paths.manifest.is_file():
+        raise InputError(
+            f"{paths.root} is not a complete subject directory (no subject.json); "
+            "run `avatar preprocess VIDEO -o DIR` first."
+        )
+    try:
+        data = json.loads(paths.manifest.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{paths.manifest} is unreadable ({err}); preprocess the video again.") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(
+            f"{paths.root} has subject format {version}, this avatar reads {FORMAT_VERSION}; "
+            "preprocess the video again."
+        )
+    return SubjectManifest.from_dict(data)
+
+
+class Subject:
+    """Read access to a complete subject directory.
+
+    Frames and masks are decoded on demand; tracks are loaded once.
+    """
+
+    def __init__(self, root: Path | str):
+        self.paths = SubjectPaths(root)
+        self.manifest = read_manifest(root)
+        self._tracks: Optional[dict[str, np.ndarray]] = None
+
+    @property
+    def n_frames(self) -> int:
+        return self.manifest.n_frames
+
+    @property
+    def tracks(self) -> dict[str, np.ndarray]:
+        if self._tracks is None:
+            if not self.paths.tracks.is_file():
+                raise InputError(f"{self.paths.tracks} is missing; preprocess the video again.")
+            self._tracks = load_npz(self.paths.tracks)
+        return self._tracks
+
+    def frame_indices(self, split: str) -> np.ndarray:
+        """Frame indices of a split ("train", "val" or "all")."""
+        if split == "all":
+            return np.arange(self.n_frames)
+        if split not in self.manifest.split:
+            raise ValueError(f"split must be one of {sorted(self.manifest.split) + ['all']}, got {split!r}")
+        start, stop = self.manifest.split[split]
+        return np.arange(start, stop)
+
+    def frame(self, index: int) -> np.ndarray:
+        """RGB uint8 [size, size, 3]."""
+        import cv2
+
+        bgr = cv2.imread(str(self.paths.frame(index)), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InputError(f"{self.paths.frame(index)} is missing or unreadable; preprocess again.")
+        return bgr[:, :, ::-1].copy()
+
+    def mask(self, index: int) -> np.ndarray:
+        """uint8 label map [size, size] (legend: ``MASK_LEGEND``)."""
+        import cv2
+
+        labels = cv2.imread(str(self.paths.mask(index)), cv2.IMREAD_UNCHANGED)
+        if labels is None:
+            raise InputError(f"{self.paths.mask(index)} is missing or unreadable; preprocess again.")
+        return labels
+
+    def background(self) -> np.ndarray:
+        """RGB uint8 [size, size, 3]."""
+        import cv2
+
+        bgr = cv2.imread(str(self.paths.background), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InputError(f"{self.paths.background} is missing; preprocess again.")
+        return bgr[:, :, ::-1].copy()
+
+
+def validate_subject(root: Path | str) -> SubjectManifest:
+    """Check that a subject directory is complete and self-consistent.
+
+    Raises:
+        InputError: with the first problem found.
+    """
+    subject = Subject(root)
+    m = subject.manifest
+    tracks = subject.tracks
+    missing = [k for k in TRACK_KEYS if k not in tracks]
+    if missing:
+        raise InputError(f"{subject.paths.tracks} lacks {', '.join(missing)}; preprocess again.")
+    t = m.n_frames
+    shapes = {
+        "landmarks": (t, 478, 3),
+        "valid": (t,),
+        "intrinsics": (3, 3),
+        "cam_to_world": (t, 4, 4),
+    }
+    for key, shape in shapes.items():
+        if tracks[key].shape != shape:
+            raise InputError(f"tracks.npz[{key!r}] has shape {tracks[key].shape}, expected {shape}.")
+    for key in ("expression", "blendshapes", "audio_features"):
+        if tracks[key].shape[0] != t:
+            raise InputError(f"tracks.npz[{key!r}] has {tracks[key].shape[0]} frames, expected {t}.")
+    n_frames = len(list(subject.paths.frames_dir.glob("*.jpg")))
+    n_masks = len(list(subject.paths.masks_dir.glob("*.png")))
+    if n_frames != t or n_masks != t:
+        raise InputError(f"{subject.paths.root} has {n_frames} frames and {n_masks} masks, expected {t}.")
+    for p in (subject.paths.audio, subject.paths.background):
+        if not p.is_file():
+            raise InputError(f"{p} is missing; preprocess again.")
+    return m

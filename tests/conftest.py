@@ -1,0 +1,54 @@
+"""Shared fixtures: small synthetic videos made on the fly (no downloaded data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+from avatar import media
+
+
+def tone(seconds: float, rate: int = media.AUDIO_RATE, freq: float = 180.0) -> np.ndarray:
+    """A syllable-like amplitude-modulated tone (speech stand-in for tests)."""
+    t = np.arange(int(seconds * rate)) / rate
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4.0 * t)
+    return (0.3 * env * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_test_video(path: Path, frame_fn: Callable[[int], np.ndarray], n_frames: int, fps: float = 25.0,
+                     audio_seconds: Optional[float] = None) -> Path:
+    """Encode ``frame_fn(i)`` for i < n_frames to an mp4, with a tone track unless audio_seconds == 0."""
+    wav = None
+    if audio_seconds is None:
+        audio_seconds = n_frames / fps
+    if audio_seconds > 0:
+        wav = path.with_suffix(".wav")
+        media.write_wav(wav, tone(audio_seconds))
+    media.write_video(path, (frame_fn(i) for i in range(n_frames)), fps=fps, audio=wav)
+    return path
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """The public-domain astronaut portrait, RGB uint8 [512, 512, 3]."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+def moving_portrait(image: np.ndarray, size: int = 256) -> Callable[[int], np.ndarray]:
+    """Frames of ``image`` resized to ``size`` and shifted by a few pixels over time."""
+    import cv2
+
+    base = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+    def frame(i: int) -> np.ndarray:
+        dx = 3.0 * np.sin(i / 9.0)
+        dy = 2.0 * np.sin(i / 13.0)
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        return cv2.warpAffine(base, m, (size, size), borderMode=cv2.BORDER_REFLECT)
+
+    return frame
