@@ -13,13 +13,11 @@ reach before the start or past the end of the audio, or audio shorter than the v
 
 Kinds (``W`` is :attr:`AudioFeatureConfig.window`, defaults shown):
 
-========== =============================== ===== ====================== ===========================
-kind       feature frames                  rate  W (default)            D
-========== =============================== ===== ====================== ===========================
-``mel``    log-mel, 25 ms window           100 Hz 16 (160 ms)           ``n_mels`` (80)
-``hubert`` HuBERT hidden states            50 Hz  4 (80 ms)             hidden size (1024 large)
-``wav2vec2`` wav2vec 2.0 hidden states     50 Hz  4 (80 ms)             hidden size (768 base)
-========== =============================== ===== ====================== ===========================
+- ``mel``: log-mel frames at 100 Hz (25 ms Hann window, 10 ms hop). ``W`` = 16 (160 ms),
+  ``D`` = ``n_mels`` = 80. No weights, no extra packages.
+- ``hubert``: HuBERT hidden states at 50 Hz (20 ms hop, 25 ms receptive field of the conv
+  encoder). ``W`` = 4 (80 ms), ``D`` = hidden size (1024 for the large models, 768 for base).
+- ``wav2vec2``: wav2vec 2.0 hidden states, same rate and shape rules as ``hubert``.
 
 ``mel`` needs no weights and is the default. ``hubert``/``wav2vec2`` need ``transformers`` and
 locally available weights. ER-NeRF and GeneFace feed HuBERT as ``[T, 2, 1024]`` at 25 fps (the
@@ -203,7 +201,11 @@ def compute_audio_features(
     if int(n_frames) != n_frames or n_frames < 0:
         raise ValueError(f"Expected n_frames to be a non-negative integer, got {n_frames!r}.")
     n_frames = int(n_frames)
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise ValueError(f"Expected fps to be a number > 0, got {fps!r}.") from None
+    if not (math.isfinite(fps) and fps > 0):
         raise ValueError(f"Expected fps > 0, got {fps!r}.")
     device = torch.device(device)
     window = _window(config)
@@ -321,7 +323,8 @@ def _mel_filterbank(n_mels: int, n_fft: int, fmin: float, fmax: float, rate: int
     Raises:
         ValueError: a band falls between two FFT bins and would always read silence.
     """
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.float64(fmin)), _hz_to_mel(np.float64(fmax)), n_mels + 2))
+    mel_lo, mel_hi = _hz_to_mel(np.float64(fmin)), _hz_to_mel(np.float64(fmax))
+    edges = _mel_to_hz(np.linspace(mel_lo, mel_hi, n_mels + 2))  # [M + 2] Hz
     bins = np.arange(n_fft // 2 + 1, dtype=np.float64) * rate / n_fft  # [F] Hz
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # [M, 1]
     rising = (bins[None, :] - lo) / (mid - lo)
@@ -350,7 +353,9 @@ class _MelExtractor:
         self.win_length = int(round(config.win_ms * AUDIO_RATE / 1000.0))
         self.device = device
         self.dim = config.n_mels
-        self.hann = torch.hann_window(self.win_length, periodic=True, dtype=torch.float32, device=device)
+        self.hann = torch.hann_window(
+            self.win_length, periodic=True, dtype=torch.float32, device=device
+        )
         # A full-scale sine has STFT magnitude sum(window) / 2 at its bin; scale that to 1.
         self.scale = 2.0 / float(self.hann.sum())
         self.fbank = torch.from_numpy(
@@ -367,8 +372,11 @@ class _MelExtractor:
         report(_PROGRESS_STEP, 0, len(blocks))
         for i, a in enumerate(blocks):
             b = min(a + _MEL_BLOCK_FRAMES, stop)
-            segment = _padded_segment(samples, pad_left, n_padded, a * self.hop, (b - 1) * self.hop + self.n_fft)
-            out[a - first : b - first] = self._log_mel(torch.from_numpy(segment).to(self.device)).cpu().numpy()
+            segment = _padded_segment(
+                samples, pad_left, n_padded, a * self.hop, (b - 1) * self.hop + self.n_fft
+            )
+            mel = self._log_mel(torch.from_numpy(segment).to(self.device))  # [b - a, n_mels]
+            out[a - first : b - first] = mel.cpu().numpy()
             report(_PROGRESS_STEP, i + 1, len(blocks))
         return out
 
@@ -417,15 +425,17 @@ def _load_hf(config: AudioFeatureConfig, weights: bool) -> Any:
             log.info("Loading %s model from %s", config.kind, name)
             model = model_cls.from_pretrained(name, config=hf_config, local_files_only=True)
     except (OSError, ValueError) as e:
-        where = f"run 'hf download {name}' once while online" if "/" in name and not name.startswith(
-            (".", "/", "~")) else "check the directory path, which must hold a save_pretrained model"
+        if "/" in name and not name.startswith((".", "/", "~")):
+            where = f"run 'hf download {name}' once while online"
+        else:
+            where = "check the directory path, which must hold a save_pretrained model"
         raise AvatarError(
             f"No local {config.kind} {'weights' if weights else 'config'} found for {name!r}: "
             f"{where}, or use the 'mel' features, which need no weights."
         ) from e
     if hf_config.model_type != config.kind:
         other = hf_config.model_type
-        hint = f"use '{other}:{name}'" if other in FEATURE_KINDS else "choose a hubert or wav2vec2 model"
+        hint = f"use '{other}:{name}'" if other in FEATURE_KINDS else "pick a hubert/wav2vec2 model"
         raise AvatarError(f"{name} holds a {other!r} model, not {config.kind!r}: {hint}.")
     n_layers = int(hf_config.num_hidden_layers)
     if not -(n_layers + 1) <= config.layer <= n_layers:
@@ -456,7 +466,9 @@ class _HFExtractor:
     convolution over the whole input; ``chunk_s=None`` gives the unchunked result.
     """
 
-    def __init__(self, model: Any, config: AudioFeatureConfig, samples: np.ndarray, device: torch.device):
+    def __init__(
+        self, model: Any, config: AudioFeatureConfig, samples: np.ndarray, device: torch.device
+    ):
         self.model = model
         self.config = config
         self.device = device
@@ -478,8 +490,11 @@ class _HFExtractor:
         total = (n_padded - field) // hop + 1  # frames of the whole padded signal
         assert stop <= total, (stop, total)
         rate = AUDIO_RATE / hop
-        core = total if self.config.chunk_s is None else max(1, int(round(self.config.chunk_s * rate)))
-        context = 0 if self.config.chunk_s is None else max(0, int(round(self.config.context_s * rate)))
+        if self.config.chunk_s is None:
+            core, context = total, 0
+        else:
+            core = max(1, int(round(self.config.chunk_s * rate)))
+            context = max(0, int(round(self.config.context_s * rate)))
         grid = range((first // core) * core, stop, core)
         out = np.empty((stop - first, self.dim), np.float32)
         report(_PROGRESS_STEP, 0, len(grid))
@@ -487,7 +502,8 @@ class _HFExtractor:
             b = min(a + core, total)
             a_in, b_in = max(0, a - context), min(total, b + context)  # frames the model computes
             segment = _padded_segment(
-                samples, pad_left, n_padded, a_in * hop, (b_in - 1) * hop + field, self.mean, self.inv_std
+                samples, pad_left, n_padded, a_in * hop, (b_in - 1) * hop + field,
+                offset=self.mean, scale=self.inv_std,
             )
             hidden = self._hidden(torch.from_numpy(segment).to(self.device))  # [b_in - a_in, D]
             assert hidden.shape[0] == b_in - a_in, (hidden.shape, a_in, b_in)
@@ -507,7 +523,10 @@ class _HFExtractor:
 def _check_config(config: AudioFeatureConfig) -> None:
     """Raise ValueError naming the bad field and the expected values."""
     if config.kind not in FEATURE_KINDS:
-        raise ValueError(f"Unknown audio feature kind {config.kind!r}; expected one of {', '.join(FEATURE_KINDS)}.")
+        raise ValueError(
+            f"Unknown audio feature kind {config.kind!r}; "
+            f"expected one of {', '.join(FEATURE_KINDS)}."
+        )
     if config.window is not None and (int(config.window) != config.window or config.window < 1):
         raise ValueError(f"Expected audio feature window >= 1 (or None), got {config.window!r}.")
     if config.kind == "mel":
@@ -515,8 +534,8 @@ def _check_config(config: AudioFeatureConfig) -> None:
         hop = round(config.hop_ms * AUDIO_RATE / 1000.0)
         if not 1 <= win_length <= config.n_fft:
             raise ValueError(
-                f"Expected a mel window of 1..n_fft={config.n_fft} samples, got win_ms={config.win_ms} "
-                f"({win_length} samples at {AUDIO_RATE} Hz)."
+                f"Expected a mel window of 1..n_fft={config.n_fft} samples, got "
+                f"win_ms={config.win_ms} ({win_length} samples at {AUDIO_RATE} Hz)."
             )
         if hop < 1:
             raise ValueError(f"Expected hop_ms of at least one sample, got {config.hop_ms}.")
@@ -524,12 +543,14 @@ def _check_config(config: AudioFeatureConfig) -> None:
             raise ValueError(f"Expected n_mels >= 1, got {config.n_mels}.")
         if not 0.0 <= config.fmin < config.fmax <= AUDIO_RATE / 2:
             raise ValueError(
-                f"Expected 0 <= fmin < fmax <= {AUDIO_RATE // 2} Hz, got fmin={config.fmin}, fmax={config.fmax}."
+                f"Expected 0 <= fmin < fmax <= {AUDIO_RATE // 2} Hz, got fmin={config.fmin}, "
+                f"fmax={config.fmax}."
             )
         return
     if not config.model:
         raise ValueError(
-            f"Audio features {config.kind!r} need a model (a local directory or a cached hub name), got none."
+            f"Audio features {config.kind!r} need a model (a local directory or a cached hub "
+            f"name), got none."
         )
     if config.chunk_s is not None and config.chunk_s <= 0:
         raise ValueError(f"Expected chunk_s > 0 or None, got {config.chunk_s}.")
