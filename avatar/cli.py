@@ -6,7 +6,10 @@ Errors a user can fix (:class:`avatar.errors.AvatarError`) become one sentence a
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -23,6 +26,36 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("avatar").setLevel(min(level, logging.INFO if verbose > 0 else logging.WARNING))
     # imageio-ffmpeg warns whenever ffmpeg's output size differs from the source: that is our intent.
     logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
+
+
+_NATIVE_NOISE = re.compile(
+    rb"^(?:[WI]\d{4} |INFO: Created TensorFlow Lite|WARNING: All log messages before absl)"
+)
+
+
+def _filter_native_stderr() -> None:
+    """Drop the info/warning lines mediapipe's C++ code writes straight to file descriptor 2.
+
+    Python's own stderr keeps the real terminal; only native writes go through a pipe whose
+    reader forwards everything but those log lines (errors and fatal messages pass).
+    """
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return
+    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _NATIVE_NOISE.match(line):
+                    os.write(real, line)
+
+    threading.Thread(target=pump, daemon=True, name="native-stderr-filter").start()
 
 
 class _Group(click.Group):
@@ -44,6 +77,8 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Photoreal 3D talking-head avatars from a few minutes of video."""
+    if verbose < 2 and "PYTEST_CURRENT_TEST" not in os.environ:
+        _filter_native_stderr()
     _setup_logging(verbose)
 
 

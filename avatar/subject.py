@@ -12,6 +12,7 @@ read. Layout (see ARCHITECTURE.md)::
       tracks.npz       landmarks, pose, camera, face model, expression, blendshapes, audio features
       report/          QC images
       .work/           preprocessing cache (step state), safe to delete once complete
+      .cache/          uint8 frame/mask arrays at training resolutions (memory-mapped)
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ class SubjectPaths:
     def work_dir(self) -> Path:
         return self.root / ".work"
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / ".cache"
+
     def frame(self, index: int) -> Path:
         return self.frames_dir / f"{index:06d}.jpg"
 
@@ -241,6 +246,50 @@ class Subject:
         if labels is None:
             raise InputError(f"{self.paths.mask(index)} is missing or unreadable; preprocess again.")
         return labels
+
+    def image_cache(self, size: Optional[int] = None, progress=None) -> tuple[np.ndarray, np.ndarray]:
+        """All frames and masks at ``size`` as read-only memory-mapped uint8 arrays.
+
+        Training samples random frames thousands of times: decoding JPEGs each time would
+        dominate, and a float copy of the video would not fit in memory for long subjects. The
+        arrays are built once (``.cache/frames_{size}.u8`` and ``masks_{size}.u8``) and shared
+        through the page cache afterwards.
+
+        Returns:
+            frames [T, size, size, 3] uint8 (RGB), masks [T, size, size] uint8 labels.
+        """
+        import cv2
+
+        from avatar.progress import track
+
+        size = size or self.manifest.size
+        t = self.n_frames
+        self.paths.cache_dir.mkdir(exist_ok=True)
+        frames_path = self.paths.cache_dir / f"frames_{size}.u8"
+        masks_path = self.paths.cache_dir / f"masks_{size}.u8"
+        frames_shape, masks_shape = (t, size, size, 3), (t, size, size)
+        want = (int(np.prod(frames_shape)), int(np.prod(masks_shape)))
+        have = tuple(p.stat().st_size if p.is_file() else -1 for p in (frames_path, masks_path))
+        if have != want:
+            tmp_f = frames_path.with_name(frames_path.name + ".partial")
+            tmp_m = masks_path.with_name(masks_path.name + ".partial")
+            fw = np.memmap(tmp_f, dtype=np.uint8, mode="w+", shape=frames_shape)
+            mw = np.memmap(tmp_m, dtype=np.uint8, mode="w+", shape=masks_shape)
+            resize = size != self.manifest.size
+            for i in track(range(t), f"cache frames at {size}px", t, progress):
+                img, lab = self.frame(i), self.mask(i)
+                if resize:
+                    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+                    lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
+                fw[i], mw[i] = img, lab
+            fw.flush()
+            mw.flush()
+            del fw, mw
+            os.replace(tmp_f, frames_path)
+            os.replace(tmp_m, masks_path)
+        frames = np.memmap(frames_path, dtype=np.uint8, mode="r", shape=frames_shape)
+        masks = np.memmap(masks_path, dtype=np.uint8, mode="r", shape=masks_shape)
+        return frames, masks
 
     def background(self) -> np.ndarray:
         """RGB uint8 [size, size, 3]."""

@@ -327,8 +327,9 @@ def preprocess(
 
         fit = FaceModelFit(
             intrinsics=face["intrinsics"], cam_to_world=face["cam_to_world"], face_mean=face["face_mean"],
-            face_basis=face["face_basis"], expression=face["expression"],
+            face_basis=face["face_basis"], expression=face["expression"], valid=valid,
             reprojection_error_px=float(face["error"]), per_frame_error_px=face["frame_error"],
+            image_size=(config.size, config.size),
         )
         values = compute_blendshapes(fit, np.nan_to_num(face["landmarks"]), valid)
         save_npz_atomic(blend_file, values=values.astype(np.float32),
@@ -371,7 +372,9 @@ def preprocess(
 
     run("audio_features", feat_key, [feat_file], do_features)
 
-    # 8. tracks.npz, report, manifest.
+    # 8. tracks.npz, report, manifest. Training caches of an older state are dropped.
+    if timings and paths.cache_dir.exists():
+        shutil.rmtree(paths.cache_dir)
     blend = load_npz(blend_file)
     save_npz_atomic(
         paths.tracks,
