@@ -135,6 +135,43 @@ def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: f
     click.echo(f"Check the tracking: {summary.subject_dir / 'report'}")
 
 
+@main.command()
+@click.argument("subject", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="Run directory to write (checkpoints, logs, previews, metrics).")
+@click.option("--model", type=click.Choice(["gaussian"]), default="gaussian", show_default=True,
+              help="Avatar model.")
+@click.option("--preset", type=click.Choice(["fast", "default", "best"]), default="fast", show_default=True,
+              help="fast: CPU, 256 px, minutes. default/best: GPU, 512 px.")
+@click.option("--iters", type=int, default=None, help="Training iterations (overrides the preset).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--resume", is_flag=True, help="Continue the run in the output directory from its newest checkpoint.")
+@click.option("--no-eval", is_flag=True, help="Skip the validation metrics at the end.")
+def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | None, device: str,
+          resume: bool, no_eval: bool) -> None:
+    """Train a talking-head avatar on a preprocessed SUBJECT."""
+    from avatar.train.trainer import train as run_train
+
+    overrides = {"iterations": iters} if iters is not None else None
+    progress = ConsoleProgress()
+    try:
+        result = run_train(subject, run_dir, preset=preset, overrides=overrides, device=device,
+                           resume=resume, evaluate=not no_eval, progress=progress)
+    finally:
+        progress.close()
+    click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
+               f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
+    m = result.metrics
+    if m:
+        parts = [f"PSNR {m['psnr']:.2f} dB"]
+        if m.get("psnr_head") is not None:
+            parts.append(f"head PSNR {m['psnr_head']:.2f} dB")
+        parts.append(f"SSIM {m['ssim']:.3f}")
+        if m.get("lmd") is not None:
+            parts.append(f"LMD {m['lmd']:.2f} px")
+        click.echo(f"Validation ({m['n_frames']} frames): " + ", ".join(parts))
+
+
 def entrypoint() -> None:  # pragma: no cover - console script shim
     main()
 

@@ -41,8 +41,8 @@ class ModelConfig:
         return _from_dict(cls, data)
 
     def setup(self) -> nn.Module:
-        """Build the module this config describes."""
-        raise NotImplementedError
+        """Build the module this config describes (each concrete config defines it)."""
+        raise TypeError(f"{type(self).__name__} does not define setup()")
 
 
 def _from_dict(cls: type[C], data: Any) -> C:

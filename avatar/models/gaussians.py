@@ -254,16 +254,3 @@ def gaussian_set_from_points(points: np.ndarray, colors: np.ndarray, config: Gau
     scales = knn_scale(points) * config.scale_multiplier
     return GaussianSet(torch.from_numpy(points).float(), torch.from_numpy(colors).float(),
                        torch.from_numpy(scales).float(), config.init_opacity, sh_degree)
-
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product of (w, x, y, z) quaternions, broadcasting. [..., 4]"""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([
-        aw * bw - ax * bx - ay * by - az * bz,
-        aw * bx + ax * bw + ay * bz - az * by,
-        aw * by - ax * bz + ay * bw + az * bx,
-        aw * bz + ax * by - ay * bx + az * bw,
-    ], dim=-1)
-

@@ -17,17 +17,20 @@ transmittance to ``<= 1e-4``. The radius of a Gaussian is the extent where its a
 drops a contribution the compositing rule would keep: the result equals a dense every-pixel
 by-every-Gaussian evaluation.
 
-Why a hand-written backward: autograd over the per-tile ``[pixels, list]`` tensors would keep
-about fifteen of them alive per chunk for the backward pass, that is memory of order
-intersections x 256 x 15 floats, and spend most of its time allocating. Here the forward keeps
-only the per-pixel alpha; the backward recomputes each chunk's weights and reduces them to
-per-intersection gradients with two small matrix products. Memory stays bounded by one chunk of
-tile-Gaussian intersections x tile pixels, never pixels x Gaussians.
+Why a hand-written backward: autograd over the per-tile ``[list, pixels]`` tensors would keep
+about fifteen of them alive per chunk for the backward pass (memory of order intersections x 256
+x 15 floats) and spend most of its time allocating. Here the forward keeps only the rendered
+image; the backward recomputes each chunk's weights, gets d loss / d sigma in closed form (one
+running sum over the list) and reduces it to per-intersection gradients with matrix products
+against the pixel basis. Memory stays bounded by one chunk of tile-Gaussian intersections x tile
+pixels (plus the per-Gaussian and per-pixel tensors), never pixels x Gaussians.
+
+On CPU this path is a few times slower than the C++ kernel of :mod:`avatar.render._cpu_kernel`
+(see benchmarks/RESULTS.md); it is the reference the other backends are tested against and the
+fallback wherever that kernel cannot be built.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +46,12 @@ TRANSMITTANCE_MIN = 1e-4
 MAX_EXTEND = 3.33
 """Largest radius in standard deviations: sqrt(2 ln 255), where alpha <= 1 falls below 1/255."""
 
-_LOG_TRANSMITTANCE_MIN = math.log(TRANSMITTANCE_MIN)
-DEFAULT_CHUNK_ELEMENTS = 1 << 19
-"""Target size of one compositing chunk, in (pixel, list entry) pairs: a few MiB per temporary,
-small enough to stay in cache, large enough that per-operation overhead is amortised."""
+_PAD_OPACITY = 1e-30
+"""Opacity given to padding entries of a tile list: its alpha is far below the 1/255 cut."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
+"""Target size of one compositing chunk, in (list entry, pixel) pairs: 4 MiB per float32
+temporary (about six are alive at once), large enough that per-operation overhead and thread
+synchronisation are amortised."""
 
 
 def _quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
@@ -114,7 +119,7 @@ def _project_gaussians(
     covars_c = torch.einsum("cij,njk,clk->cnil", rot, covars, rot)  # [C, N, 3, 3]
     x, y, z = means_c.unbind(-1)
 
-    in_range = (z > near_plane) & (z < far_plane)
+    in_range = (z >= near_plane) & (z <= far_plane)  # gsplat keeps both ends
     z = torch.where(in_range, z, torch.ones_like(z))  # placeholder depth for culled Gaussians
 
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
@@ -146,19 +151,19 @@ def _project_gaussians(
     with torch.no_grad():
         # Opacity-aware extent: beyond sqrt(2 ln(o / (1/255))) standard deviations alpha < 1/255.
         opac = opacities.detach().to(a.dtype).expand_as(a)
-        valid &= opac >= ALPHA_THRESHOLD
+        keep = valid & (opac >= ALPHA_THRESHOLD)  # a new tensor: `valid` is saved by autograd
         extend = torch.sqrt(2.0 * torch.log(opac.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD))
         extend = extend.clamp_max(MAX_EXTEND)
         rx = torch.ceil(extend * torch.sqrt(a.detach().clamp_min(0)))
         ry = torch.ceil(extend * torch.sqrt(c.detach().clamp_min(0)))
-        valid &= (rx > 0) | (ry > 0)
+        keep &= (rx > 0) | (ry > 0)
         mx, my = means2d.detach().unbind(-1)
         on_screen = (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height)
-        valid &= on_screen & torch.isfinite(rx) & torch.isfinite(ry)
+        keep &= on_screen & torch.isfinite(rx) & torch.isfinite(ry)
         radii = torch.stack([rx, ry], dim=-1)
-        radii = torch.where(valid[..., None], radii, torch.zeros_like(radii))
-        # Clamp before the integer cast: a huge footprint only needs to cover the image.
-        radii = radii.clamp_max(float(max(width, height) * 4 + 16)).to(torch.int32)
+        radii = torch.where(keep[..., None], radii, torch.zeros_like(radii))
+        # Clamp only to stay inside int32; tile ranges are clipped to the image later anyway.
+        radii = radii.clamp_max(float(1 << 30)).to(torch.int32)
     return means2d, conics, means_c[..., 2], radii
 
 
@@ -228,66 +233,86 @@ def _isect_tiles(
 def _pixel_basis(tile_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Quadratic monomials of the pixel centres of a tile, relative to the tile centre.
 
-    The Mahalanobis term of every (pixel, Gaussian) pair of a tile is then one matrix product,
-    ``sigma = basis @ coeffs``, and the backward's sums over pixels are another.
+    The Mahalanobis term of every (Gaussian, pixel) pair of a tile is then one matrix product,
+    and the backward's sums over pixels are another. Coordinates relative to the tile centre
+    (|u|, |v| <= 7.5) keep the expanded polynomial well conditioned in float32.
 
     Returns:
-        Rows ``(1, u, v, u^2, u v, v^2)`` for the tile's pixels in row-major order. [P, 6]
+        Columns ``(1, u, v, u^2, u v, v^2)`` for the tile's pixels in row-major order. [6, P]
     """
     r = torch.arange(tile_size, dtype=dtype, device=device) + 0.5 - 0.5 * tile_size
     v, u = torch.meshgrid(r, r, indexing="ij")
     u, v = u.reshape(-1), v.reshape(-1)
-    return torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v], dim=-1)
+    return torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v], dim=0)
 
 
-def _sigma_coeffs(mean: Tensor, conic: Tensor) -> Tensor:
-    """Coefficients of the Mahalanobis term in the monomial basis of :func:`_pixel_basis`.
+def _logit_coeffs(mean: Tensor, conic: Tensor, opac: Tensor) -> Tensor:
+    """Coefficients of ``ln(o) - sigma`` in the monomial basis of :func:`_pixel_basis`.
 
     ``sigma(u, v) = 0.5 a du^2 + b du dv + 0.5 c dv^2`` with ``du = u - mu`` expands to
-    ``k0 + k1 u + k2 v + k3 u^2 + k4 u v + k5 v^2``.
+    ``k0 + k1 u + k2 v + k3 u^2 + k4 u v + k5 v^2``; folding the sign and ``ln(o)`` in lets one
+    matrix product and one ``exp`` give the unclamped alpha of every pair.
 
     Args:
         mean: centres relative to the tile centre (mu, mv). [B, L, 2]
         conic: (a, b, c). [B, L, 3]
+        opac: opacities, > 0 (padding uses a tiny value, whose alpha is then cut). [B, L]
 
     Returns:
-        (k0..k5). [B, 6, L]
+        (ln o - k0, -k1, ..., -k5). [B, L, 6]
     """
     mu, mv = mean.unbind(-1)
     a, b, c = conic.unbind(-1)
     k0 = 0.5 * a * mu * mu + b * mu * mv + 0.5 * c * mv * mv
     return torch.stack(
-        [k0, -(a * mu + b * mv), -(b * mu + c * mv), 0.5 * a, b, 0.5 * c], dim=1
+        [torch.log(opac) - k0, a * mu + b * mv, b * mu + c * mv, -0.5 * a, -b, -0.5 * c], dim=-1
     )
 
 
+def _alpha_cut(dtype: torch.dtype) -> float:
+    """Largest value below 1/255 in ``dtype``: ``threshold(x, cut)`` then keeps x >= 1/255."""
+    third = torch.tensor(ALPHA_THRESHOLD, dtype=dtype)
+    return torch.nextafter(third, torch.zeros_like(third)).item()
+
+
 def _composite_weights(
-    coeffs: Tensor, opac: Tensor, basis: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    coeffs: Tensor, basis: Tensor, keep_alpha: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Front-to-back blending weights of one chunk of tiles.
 
+    Layout is [tile, list entry, pixel]: pixels contiguous, so the running product over the
+    list and all matrix products stream along rows (several times faster on CPU than
+    [tile, pixel, entry]). Transmittance is a running product (``cumprod``), in the same order
+    as a per-pixel loop. It never increases along the list, so "stop before the entry that
+    would bring it to <= 1e-4" keeps exactly the entries whose inclusive transmittance stays
+    above 1e-4.
+
     Args:
-        coeffs: Mahalanobis coefficients (:func:`_sigma_coeffs`). [B, 6, L]
-        opac: opacities, 0 on padding. [B, L]
-        basis: pixel monomials. [P, 6]
+        coeffs: logit coefficients (:func:`_logit_coeffs`). [B, L, 6]
+        basis: pixel monomials. [6, P]
+        keep_alpha: also return alpha and 1 - alpha (the backward needs them).
 
     Returns:
-        weights: ``alpha_i T_i`` of each used (pixel, entry), 0 elsewhere. [B, P, L]
-        alpha: per-pair alpha after clamping and the 1/255 cut (not the early stop). [B, P, L]
-        log_t_excl: log transmittance in front of each entry. [B, P, L]
-        used: entries before the early stop. [B, P, L] bool
+        weights: ``alpha_i T_i`` of each used (entry, pixel), 0 elsewhere. [B, L, P]
+        alpha: per-pair alpha after clamping and the 1/255 cut (None unless keep_alpha).
+            [B, L, P]
+        one_minus: ``1 - alpha`` (None unless keep_alpha). [B, L, P]
     """
-    alpha = torch.matmul(basis, coeffs)  # sigma, [B, P, L]
-    alpha.neg_().exp_().mul_(opac[:, None, :]).clamp_(max=ALPHA_MAX)
-    alpha.masked_fill_(alpha < ALPHA_THRESHOLD, 0.0)
-    log1m = torch.log1p(-alpha)
-    log_t_incl = torch.cumsum(log1m, dim=-1)
-    # Transmittance is non-increasing along the list, so "stop before the first entry that brings
-    # it to <= 1e-4" keeps exactly the entries whose inclusive transmittance stays above 1e-4.
-    used = log_t_incl > _LOG_TRANSMITTANCE_MIN
-    log_t_excl = log_t_incl.sub_(log1m)
-    weights = torch.exp(log_t_excl).mul_(alpha).mul_(used)
-    return weights, alpha, log_t_excl, used
+    alpha = torch.matmul(coeffs, basis)  # ln(o) - sigma, [B, L, P]
+    # exp(-30) is far below the 1/255 cut; clamping first keeps exp away from denormals,
+    # which are several times slower on CPUs.
+    alpha.clamp_(min=-30.0).exp_().clamp_(max=ALPHA_MAX)
+    F.threshold(alpha, _alpha_cut(alpha.dtype), 0.0, inplace=True)
+    one_minus = torch.rsub(alpha, 1.0)
+    trans = torch.cumprod(one_minus, dim=1) if keep_alpha else one_minus.cumprod_(dim=1)
+    weights = alpha.clone() if keep_alpha else alpha
+    weights[:, 1:].mul_(trans[:, :-1])  # alpha_i * T_{i-1}
+    # 1 where the inclusive transmittance stays above the stop level, else 0.
+    used = F.threshold(trans, TRANSMITTANCE_MIN, 0.0, inplace=True).ceil_()
+    weights.mul_(used)
+    if keep_alpha:
+        return weights, alpha, one_minus
+    return weights, None, None
 
 
 def _chunks(lengths: list[int], pixels: int, budget: int) -> list[tuple[int, int]]:
@@ -307,7 +332,6 @@ class _TileLayout:
     def __init__(
         self,
         tile_offsets: Tensor,
-        n_cams: int,
         width: int,
         height: int,
         tile_size: int,
@@ -347,6 +371,24 @@ class _TileLayout:
         idx = (self.starts[s:e, None] + ar[None, :]).masked_fill_(pad, 0)
         return flatten_ids[idx], pad, self.tiles[s:e]
 
+    def to_image(self, tiles: Tensor, n_cams: int, width: int, height: int) -> Tensor:
+        """[C * n_tiles, D, P] channel-major tile pixels -> [C, H, W, D] image (cropped)."""
+        ts, dim = self.tile_size, tiles.shape[1]
+        img = tiles.view(n_cams, self.tile_height, self.tile_width, dim, ts, ts)
+        img = img.permute(0, 1, 4, 2, 5, 3).reshape(
+            n_cams, self.tile_height * ts, self.tile_width * ts, dim
+        )
+        return img[:, :height, :width]
+
+    def from_image(self, img: Tensor, width: int, height: int) -> Tensor:
+        """[C, H, W, D] image -> [C * n_tiles, D, P] channel-major tile pixels (zero-padded)."""
+        ts = self.tile_size
+        n_cams, _, _, dim = img.shape
+        pad_w, pad_h = self.tile_width * ts - width, self.tile_height * ts - height
+        img = F.pad(img, (0, 0, 0, pad_w, 0, pad_h))
+        img = img.reshape(n_cams, self.tile_height, ts, self.tile_width, ts, dim)
+        return img.permute(0, 1, 3, 5, 2, 4).reshape(n_cams * self.n_tiles, dim, ts * ts)
+
 
 class _RasterizeToPixels(torch.autograd.Function):
     """Tile compositing with a recomputing, chunked backward (see the module docstring)."""
@@ -367,9 +409,7 @@ class _RasterizeToPixels(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         n_cams, n_gauss, dim = feats.shape
         dtype = feats.dtype
-        layout = _TileLayout(
-            tile_offsets, n_cams, width, height, tile_size, chunk_elements, dtype
-        )
+        layout = _TileLayout(tile_offsets, width, height, tile_size, chunk_elements, dtype)
         basis = _pixel_basis(tile_size, dtype, feats.device)
         mean_f = means2d.reshape(-1, 2)
         conic_f = conics.reshape(-1, 3)
@@ -378,35 +418,33 @@ class _RasterizeToPixels(torch.autograd.Function):
         # gradient is handled by the same formula as the colours.
         feat_f = torch.cat([feats.reshape(-1, dim), feats.new_ones(n_cams * n_gauss, 1)], dim=-1)
 
-        out = feats.new_zeros(n_cams * layout.n_tiles, layout.pixels, dim + 1)
+        out = feats.new_zeros(n_cams * layout.n_tiles, dim + 1, layout.pixels)
         for k, (s, e) in enumerate(layout.chunks):
             gid, pad, tiles = layout.gather(k, flatten_ids)
-            coeffs = _sigma_coeffs(mean_f[gid] - layout.centers[s:e, None, :], conic_f[gid])
-            opac = opac_f[gid].masked_fill(pad, 0.0)
-            weights, _, _, _ = _composite_weights(coeffs, opac, basis)
-            out[tiles] = torch.bmm(weights, feat_f[gid])
+            opac = opac_f[gid].masked_fill(pad, _PAD_OPACITY)
+            coeffs = _logit_coeffs(mean_f[gid] - layout.centers[s:e, None, :], conic_f[gid], opac)
+            weights, _, _ = _composite_weights(coeffs, basis, keep_alpha=False)
+            out[tiles] = torch.bmm(feat_f[gid].transpose(1, 2), weights)  # [B, D + 1, P]
 
-        ctx.save_for_backward(means2d, conics, opacities, feats, flatten_ids, tile_offsets)
+        ctx.save_for_backward(means2d, conics, opacities, feats, flatten_ids)
         ctx.layout = layout
-        ctx.geometry = (width, height, tile_size)
-        render, alpha = _tiles_to_image(out, n_cams, layout, width, height).split([dim, 1], -1)
+        ctx.geometry = (width, height)
+        render, alpha = layout.to_image(out, n_cams, width, height).split([dim, 1], -1)
         return render, alpha
 
     @staticmethod
     def backward(ctx, v_render: Tensor, v_alpha: Tensor):  # type: ignore[override]
-        means2d, conics, opacities, feats, flatten_ids, _ = ctx.saved_tensors
+        means2d, conics, opacities, feats, flatten_ids = ctx.saved_tensors
         layout: _TileLayout = ctx.layout
-        width, height, tile_size = ctx.geometry
+        width, height = ctx.geometry
         n_cams, n_gauss, dim = feats.shape
         dtype = feats.dtype
-        basis = _pixel_basis(tile_size, dtype, feats.device)
+        basis = _pixel_basis(layout.tile_size, dtype, feats.device)
         mean_f = means2d.reshape(-1, 2)
         conic_f = conics.reshape(-1, 3)
         opac_f = opacities.reshape(-1)
         feat_f = torch.cat([feats.reshape(-1, dim), feats.new_ones(n_cams * n_gauss, 1)], dim=-1)
-        v_out = _image_to_tiles(
-            torch.cat([v_render, v_alpha], dim=-1), layout, width, height
-        )  # [C * n_tiles, P, D + 1]
+        v_out = layout.from_image(torch.cat([v_render, v_alpha], dim=-1), width, height)
 
         v_mean = torch.zeros_like(mean_f)
         v_conic = torch.zeros_like(conic_f)
@@ -416,24 +454,29 @@ class _RasterizeToPixels(torch.autograd.Function):
             gid, pad, tiles = layout.gather(k, flatten_ids)
             mean = mean_f[gid] - layout.centers[s:e, None, :]  # [B, L, 2]
             conic = conic_f[gid]  # [B, L, 3]
-            opac = opac_f[gid].masked_fill(pad, 0.0)  # [B, L]
-            feat = feat_f[gid]  # [B, L, D + 1]
-            g = v_out[tiles]  # [B, P, D + 1]
-            weights, alpha, log_t_excl, used = _composite_weights(
-                _sigma_coeffs(mean, conic), opac, basis
+            opac = opac_f[gid].masked_fill(pad, _PAD_OPACITY)  # [B, L]
+            g = v_out[tiles]  # [B, D + 1, P]
+            weights, alpha, one_minus = _composite_weights(
+                _logit_coeffs(mean, conic, opac), basis, keep_alpha=True
             )
-            # d out / d alpha_i = T_i f_i - (sum_{j>i} w_j f_j) / (1 - alpha_i), per channel.
-            g_dot_f = torch.bmm(g, feat.transpose(1, 2))  # [B, P, L]
-            later = weights * g_dot_f
-            later = later.sum(-1, keepdim=True) - torch.cumsum(later, dim=-1)
-            v_a = log_t_excl.exp_().mul_(g_dot_f).sub_(later.div_(torch.rsub(alpha, 1.0)))
-            # d alpha / d sigma = -alpha where alpha was neither clamped nor cut nor stopped.
-            live = used & (alpha < ALPHA_MAX)
-            v_sigma = v_a.mul_(alpha).mul_(live).neg_()  # [B, P, L]
-            g_coef = torch.matmul(v_sigma.transpose(1, 2), basis)  # [B, L, 6]
-            v_feat.index_add_(0, gid.reshape(-1), torch.bmm(weights.transpose(1, 2), g[..., :dim]).reshape(-1, dim))
+            # With gf_i = g . f_i and later_i = sum_{j>i} w_j gf_j, the loss moves with alpha_i
+            # as T_i gf_i - later_i / (1 - alpha_i); times d alpha / d sigma = -alpha that is
+            #   d loss / d sigma_i = alpha_i / (1 - alpha_i) * later_i - w_i gf_i.
+            # Entries after the early stop get exactly 0 (w = 0 there and for all later ones).
+            contrib = torch.bmm(feat_f[gid], g).mul_(weights)  # w_i gf_i, [B, L, P]
+            later = torch.cumsum(contrib, dim=1)
+            # Total minus inclusive prefix; after the stop the prefix equals the total exactly.
+            torch.sub(later[:, -1:].clone(), later, out=later)
+            ratio = torch.div(alpha, one_minus, out=one_minus)
+            v_sigma = later.mul_(ratio).sub_(contrib)
+            v_sigma.mul_(alpha.lt_(ALPHA_MAX))  # a clamped alpha does not depend on sigma or o
+            # Sums over pixels as products with the pixel basis / the output gradient.
+            g_coef = torch.matmul(basis, v_sigma.transpose(1, 2))  # [B, 6, L]
+            v_f = torch.bmm(g[:, :dim], weights.transpose(1, 2))  # [B, D, L]
+            flat = gid.reshape(-1)
+            v_feat.index_add_(0, flat, v_f.transpose(1, 2).reshape(-1, dim))
 
-            g0, g1, g2, g3, g4, g5 = g_coef.unbind(-1)
+            g0, g1, g2, g3, g4, g5 = g_coef.unbind(1)  # each [B, L]
             mu, mv = mean.unbind(-1)
             a, b, c = conic.unbind(-1)
             v_ca = 0.5 * g3 - mu * g1 + 0.5 * mu * mu * g0
@@ -442,8 +485,7 @@ class _RasterizeToPixels(torch.autograd.Function):
             v_mu = -a * g1 - b * g2 + (a * mu + b * mv) * g0
             v_mv = -b * g1 - c * g2 + (b * mu + c * mv) * g0
             # sum_p v_sigma = -o * sum_p v_alpha exp(-sigma)  =>  d/do = -g0 / o.
-            v_o = torch.where(pad, torch.zeros_like(g0), -g0 / torch.where(pad, torch.ones_like(opac), opac))
-            flat = gid.reshape(-1)
+            v_o = -g0 / opac  # padding has g0 == 0
             v_mean.index_add_(0, flat, torch.stack([v_mu, v_mv], -1).reshape(-1, 2))
             v_conic.index_add_(0, flat, torch.stack([v_ca, v_cb, v_cc], -1).reshape(-1, 3))
             v_opac.index_add_(0, flat, v_o.reshape(-1))
@@ -455,28 +497,6 @@ class _RasterizeToPixels(torch.autograd.Function):
             v_feat.view_as(feats),
             None, None, None, None, None, None,
         )
-
-
-def _tiles_to_image(
-    tiles: Tensor, n_cams: int, layout: _TileLayout, width: int, height: int
-) -> Tensor:
-    """[C * n_tiles, P, D] tile-major pixels -> [C, H, W, D] image (cropping the partial tiles)."""
-    ts = layout.tile_size
-    dim = tiles.shape[-1]
-    img = tiles.view(n_cams, layout.tile_height, layout.tile_width, ts, ts, dim)
-    img = img.permute(0, 1, 3, 2, 4, 5).reshape(
-        n_cams, layout.tile_height * ts, layout.tile_width * ts, dim
-    )
-    return img[:, :height, :width]
-
-
-def _image_to_tiles(img: Tensor, layout: _TileLayout, width: int, height: int) -> Tensor:
-    """[C, H, W, D] image -> [C * n_tiles, P, D] tile-major pixels (zero-padding partial tiles)."""
-    ts = layout.tile_size
-    n_cams, _, _, dim = img.shape
-    img = F.pad(img, (0, 0, 0, layout.tile_width * ts - width, 0, layout.tile_height * ts - height))
-    img = img.reshape(n_cams, layout.tile_height, ts, layout.tile_width, ts, dim)
-    return img.permute(0, 1, 3, 2, 4, 5).reshape(n_cams * layout.n_tiles, ts * ts, dim)
 
 
 def _rasterize_to_pixels(

@@ -42,7 +42,7 @@ def render_dense(
         pc = means @ r.T + t  # [N, 3]
         covc = r @ cov @ r.T
         z_raw = pc[:, 2]
-        ok = (z_raw > near) & (z_raw < far)
+        ok = (z_raw >= near) & (z_raw <= far)
         z = torch.where(ok, z_raw, torch.ones_like(z_raw))
         fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
         # gsplat's Jacobian clamp: x/z, y/z limited to 1.3x the field of view.
@@ -55,10 +55,11 @@ def render_dense(
         jac[:, 1, 1] = fy / z
         jac[:, 0, 2] = -fx * u / z
         jac[:, 1, 2] = -fy * v / z
-        cov2 = jac @ covc @ jac.transpose(1, 2) + eps2d * torch.eye(2, dtype=means.dtype, device=means.device)
+        eye2 = torch.eye(2, dtype=means.dtype, device=means.device)
+        cov2 = jac @ covc @ jac.transpose(1, 2) + eps2d * eye2
         det = torch.linalg.det(cov2)
         ok = ok & (det > 0)
-        cov2 = torch.where(ok[:, None, None], cov2, torch.eye(2, dtype=means.dtype, device=means.device))
+        cov2 = torch.where(ok[:, None, None], cov2, eye2)
         prec = torch.linalg.inv(cov2)  # [N, 2, 2]
         means2d_all.append(torch.stack([fx * pc[:, 0] / z + cx, fy * pc[:, 1] / z + cy], -1))
         projected.append((z_raw, ok, prec))

@@ -1,0 +1,67 @@
+"""Training presets.
+
+``fast`` is sized for a laptop or CI CPU (training resolution 256, a few thousand Gaussians,
+minutes); ``default`` and ``best`` are for NVIDIA GPUs at 512. Each preset is a nested dict of
+overrides applied to :class:`avatar.train.trainer.TrainConfig` defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "resolution": 256,
+        "iterations": 3000,
+        "static_iterations": 300,
+        "smooth_audio_after": 1000,
+        "checkpoint_every": 1000,
+        "preview_every": 500,
+        "model": {
+            "sh_degree": 0,
+            "init": {"n_face": 2500, "n_head": 3000, "n_mouth": 400},
+        },
+        "strategy": {"refine_start_iter": 300, "refine_stop_iter": 2200, "refine_every": 100,
+                     "max_gaussians": 9000},
+    },
+    "default": {
+        "resolution": 512,
+        "iterations": 30000,
+        "static_iterations": 2000,
+        "smooth_audio_after": 8000,
+        "checkpoint_every": 5000,
+        "preview_every": 2000,
+        "model": {
+            "sh_degree": 1,
+            "init": {"n_face": 10000, "n_head": 12000, "n_mouth": 2000},
+        },
+        "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 20000, "refine_every": 100,
+                     "max_gaussians": 120000},
+    },
+    "best": {
+        "resolution": 512,
+        "iterations": 60000,
+        "static_iterations": 3000,
+        "smooth_audio_after": 12000,
+        "checkpoint_every": 5000,
+        "preview_every": 5000,
+        "model": {
+            "sh_degree": 2,
+            "init": {"n_face": 15000, "n_head": 15000, "n_mouth": 3000},
+        },
+        "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 40000, "refine_every": 100,
+                     "max_gaussians": 250000},
+    },
+}
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    """A copy of the preset's overrides.
+
+    Raises:
+        ValueError: unknown preset name (the message lists the valid ones).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,87 @@
+"""Evaluation of a trained head on a split of its subject (by default the never-trained val split).
+
+Each frame is re-rendered with its true audio, eye tracks, camera and torso, and compared with
+the ground truth: PSNR of the whole frame and of the head region, SSIM, LPIPS where its weights
+load, mouth-landmark distance (mediapipe on both images) and the correlation of the rendered and
+true inner-lip opening over the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
+from avatar.eval.metrics import lpips_or_none, psnr, ssim
+from avatar.progress import Progress, track
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def render_split(model, data, indices: np.ndarray, progress: Optional[Progress] = None,
+                 step_name: str = "evaluate"):
+    """Yield (index, rendered uint8 [H, W, 3], frame) for each index, rendering with its true condition."""
+    r = data.resolution
+    for i in track(indices, step_name, len(indices), progress):
+        frame = data.frame(int(i))
+        idx = torch.tensor([int(i)], device=data.device)
+        cond = model.conditions(data.audio_features, idx, frame.eye[None], smooth=True)[0]
+        out = model.render(cond, frame.viewmat, frame.K, r, r, frame.background)
+        yield int(i), (out["rgb"].clamp(0, 1) * 255).round().byte().cpu().numpy(), frame
+
+
+def evaluate_model(model, data, split: str = "val", progress: Optional[Progress] = None,
+                   landmarks: bool = True) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` of ``data`` (an :class:`avatar.train.data.SubjectData`)."""
+    indices = data.split(split)
+    if len(indices) == 0:
+        raise ValueError(f"the {split} split has no tracked frames")
+    model.eval()
+    psnrs, head_psnrs, ssims, lpipses = [], [], [], []
+    preds, gts = [], []
+    start = time.perf_counter()
+    render_seconds = 0.0
+    t0 = time.perf_counter()
+    for _, pred_u8, frame in render_split(model, data, indices, progress):
+        render_seconds += time.perf_counter() - t0
+        pred = torch.from_numpy(pred_u8).float() / 255.0
+        gt = frame.image.cpu()
+        gt_u8 = (gt * 255).round().byte().numpy()
+        psnrs.append(psnr(pred, gt))
+        head = frame.head_mask[..., 0].cpu() > 0.5
+        if head.any():
+            head_psnrs.append(psnr(pred, gt, mask=head))
+        ssims.append(ssim(pred, gt))
+        lp = lpips_or_none(pred, gt)
+        if lp is not None:
+            lpipses.append(lp)
+        if landmarks:
+            preds.append(pred_u8)
+            gts.append(gt_u8)
+        t0 = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "split": split,
+        "psnr": float(np.mean(psnrs)),
+        "psnr_head": float(np.mean(head_psnrs)) if head_psnrs else None,
+        "ssim": float(np.mean(ssims)),
+        "lpips": float(np.mean(lpipses)) if lpipses else None,
+        "lmd": None,
+        "mouth_corr": None,
+        "n_frames": int(len(indices)),
+        "render_fps": round(len(indices) / max(render_seconds, 1e-9), 2),
+        "resolution": int(data.resolution),
+        "device": str(data.device),
+    }
+    if landmarks:
+        tracker = MouthTracker()
+        pred_lm = tracker.track(preds)
+        gt_lm = MouthTracker().track(gts)
+        metrics["lmd"] = lmd(pred_lm, gt_lm, data.resolution)
+        metrics["mouth_corr"] = mouth_correlation(inner_lip_opening(pred_lm), inner_lip_opening(gt_lm))
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}

@@ -1,0 +1,244 @@
+"""Image-quality metrics of the field: PSNR, SSIM, LPIPS, and the D-SSIM training loss.
+
+Metric functions (:func:`psnr`, :func:`ssim`, :func:`lpips_or_none`) take images as the
+rasterizer returns them, channels last, ``[H, W, C]`` or a batch ``[B, H, W, C]``, float in
+[0, 1] (uint8 arrays are divided by 255), as numpy arrays or torch tensors, and return a Python
+float: the mean over the batch of the per-image value, as papers report per-frame averages.
+They compute in float64 without gradients.
+
+:func:`dssim_loss` is the differentiable twin for training and accepts either layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SSIM_WINDOW = 11
+"""Side of the Gaussian SSIM window (Wang et al. 2004)."""
+SSIM_SIGMA = 1.5
+"""Standard deviation of the SSIM window, in pixels."""
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+"""Stabilising constants: C1 = (K1 L)^2, C2 = (K2 L)^2 with L the data range."""
+
+ImageLike = Any  # np.ndarray | Tensor; kept loose so numpy users need not import torch types
+
+
+def _to_batch(image: ImageLike, name: str) -> Tensor:
+    """``[H, W, C]`` or ``[B, H, W, C]`` (numpy or torch; uint8 scaled to [0, 1]) -> float64 ``[B, H, W, C]``."""
+    t = torch.from_numpy(np.asarray(image)) if not isinstance(image, Tensor) else image.detach()
+    if t.dtype == torch.uint8:
+        t = t.double() / 255.0
+    elif not t.is_floating_point():
+        raise ValueError(f"{name} must be float in [0, 1] or uint8, got dtype {t.dtype}")
+    if t.dim() == 3:
+        t = t[None]
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be [H, W, C] or [B, H, W, C], got shape {tuple(t.shape)}")
+    return t.double()
+
+
+def _pair(pred: ImageLike, target: ImageLike) -> tuple[Tensor, Tensor]:
+    p, t = _to_batch(pred, "pred"), _to_batch(target, "target")
+    if p.shape != t.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    return p, t.to(p.device)
+
+
+def psnr(pred: ImageLike, target: ImageLike, mask: Optional[ImageLike] = None, *, max_val: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, averaged over the images of a batch.
+
+    Args:
+        pred, target: images [H, W, C] or [B, H, W, C], float in [0, max_val] (or uint8).
+        mask: bool [H, W] or [B, H, W]: only these pixels count (e.g. the head region); all
+            channels of a selected pixel count.
+        max_val: the data range's peak.
+
+    Returns:
+        The mean over images of ``10 log10(max_val^2 / MSE)``. Identical images give
+        ``inf`` (not a capped value: a cap would silently bias means, and ``inf`` cannot be
+        mistaken for a real score); any identical image in a batch makes the mean ``inf``.
+
+    Raises:
+        ValueError: shapes differ, or the mask is the wrong shape or selects no pixel of an image.
+    """
+    p, t = _pair(pred, target)
+    sq = (p - t).square().mean(dim=-1)  # [B, H, W]
+    if mask is None:
+        mse = sq.flatten(1).mean(dim=1)
+    else:
+        m = torch.from_numpy(np.asarray(mask)) if not isinstance(mask, Tensor) else mask
+        m = m.to(device=sq.device, dtype=torch.bool)
+        if m.dim() == 2 and m.shape == sq.shape[1:]:
+            m = m[None].expand_as(sq)
+        if m.shape != sq.shape:
+            raise ValueError(f"mask must be [H, W] or [B, H, W] = {list(sq.shape)}, got {tuple(m.shape)}")
+        counts = m.flatten(1).sum(dim=1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"mask selects no pixel in image(s) {(counts == 0).nonzero().flatten().tolist()}")
+        mse = (sq * m).flatten(1).sum(dim=1) / counts
+    values = 10.0 * torch.log10(max_val**2 / mse)  # mse == 0 -> inf
+    return float(values.mean())
+
+
+def _gauss_kernel(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Normalised 1D Gaussian window [SSIM_WINDOW]."""
+    x = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - (SSIM_WINDOW - 1) / 2
+    k = torch.exp(-x.square() / (2 * SSIM_SIGMA**2))
+    return k / k.sum()
+
+
+def _ssim_map(x: Tensor, y: Tensor, padding: Literal["valid", "reflect"], max_val: float) -> Tensor:
+    """Per-pixel SSIM of channels-first images [B, C, H, W] -> [B, C, H', W'].
+
+    ``valid`` keeps only windows inside the image (the metric, as in Wang et al. and
+    scikit-image); ``reflect`` pads so every pixel gets a value and a gradient (training).
+    """
+    channels = x.shape[1]
+    k = _gauss_kernel(x.dtype, x.device)
+    kh = k.reshape(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    kw = k.reshape(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    if padding == "reflect":
+        pad = SSIM_WINDOW // 2
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
+
+    def blur(z: Tensor) -> Tensor:
+        return F.conv2d(F.conv2d(z, kh, groups=channels), kw, groups=channels)
+
+    # One pass over the five moments: stack them along the batch.
+    n = x.shape[0]
+    moments = blur(torch.cat([x, y, x * x, y * y, x * y]))
+    mu_x, mu_y, xx, yy, xy = moments.split(n)
+    var_x = xx - mu_x.square()
+    var_y = yy - mu_y.square()
+    cov = xy - mu_x * mu_y
+    c1, c2 = (SSIM_K1 * max_val) ** 2, (SSIM_K2 * max_val) ** 2
+    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
+    den = (mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2)
+    return num / den
+
+
+def ssim(pred: ImageLike, target: ImageLike, *, max_val: float = 1.0) -> float:
+    """Structural similarity (11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03), batch mean.
+
+    Matches ``skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=max_val, channel_axis=-1)``: only windows wholly
+    inside the image are averaged, each channel separately.
+
+    Args:
+        pred, target: images [H, W, C] or [B, H, W, C], float in [0, max_val] (or uint8),
+            at least 11 x 11.
+
+    Returns:
+        Mean SSIM in [-1, 1]; 1 for identical images.
+
+    Raises:
+        ValueError: shapes differ or the images are smaller than the window.
+    """
+    p, t = _pair(pred, target)
+    if p.shape[1] < SSIM_WINDOW or p.shape[2] < SSIM_WINDOW:
+        raise ValueError(f"ssim needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {p.shape[1]}x{p.shape[2]}")
+    with torch.no_grad():
+        value = _ssim_map(p.permute(0, 3, 1, 2), t.permute(0, 3, 1, 2), "valid", max_val).mean()
+    return float(value)
+
+
+def dssim_loss(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    layout: Literal["auto", "BCHW", "BHWC"] = "auto",
+    max_val: float = 1.0,
+) -> Tensor:
+    """Differentiable structural dissimilarity ``(1 - SSIM) / 2``, the 3DGS training term.
+
+    Same window and constants as :func:`ssim`, but the images are reflect-padded so that every
+    pixel, borders included, gets a gradient (3DGS zero-pads, which darkens the border means).
+
+    Args:
+        pred: rendered images, [B, 3, H, W] ("BCHW") or [B, H, W, 3] ("BHWC", the rasterizer's
+            layout), or either without the batch dimension; H, W >= 6.
+        target: same shape as ``pred``; no gradient needed.
+        layout: "auto" reads channels-last when the last dimension is 1, 3 or 4 and the
+            third-from-last is not, else channels-first; pass it explicitly when ambiguous.
+        max_val: the data range's peak.
+
+    Returns:
+        Scalar tensor in [0, 1], the mean over batch, channels and pixels; 0 for identical images.
+
+    Raises:
+        ValueError: shapes differ, the layout cannot be read, or the images are too small.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.dim() == 3:
+        pred, target = pred[None], target[None]
+    if pred.dim() != 4:
+        raise ValueError(f"dssim_loss needs [B, C, H, W] or [B, H, W, C] images, got shape {tuple(pred.shape)}")
+    if layout == "auto":
+        last_is_channel = pred.shape[-1] in (1, 3, 4) and pred.shape[1] not in (1, 3, 4)
+        layout = "BHWC" if last_is_channel else "BCHW"
+    if layout == "BHWC":
+        pred, target = pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)
+    elif layout != "BCHW":
+        raise ValueError(f"layout must be 'auto', 'BCHW' or 'BHWC', got {layout!r}")
+    if min(pred.shape[-2:]) <= SSIM_WINDOW // 2:
+        raise ValueError(f"dssim_loss needs H, W > {SSIM_WINDOW // 2}, got {tuple(pred.shape[-2:])}")
+    value = _ssim_map(pred, target.to(pred.dtype), "reflect", max_val).mean()
+    return (1.0 - value) / 2.0
+
+
+@functools.lru_cache(maxsize=4)
+def _load_lpips(net: str, device: str) -> Optional[torch.nn.Module]:
+    """The LPIPS network, or None when the package or its weights are unavailable.
+
+    Cached, so the (slow) load and the info message happen once per (net, device).
+    """
+    try:
+        import lpips  # optional: needs torchvision and downloadable backbone weights
+    except ImportError as err:
+        log.info("LPIPS unavailable (%s); reporting lpips as null", err)
+        return None
+    try:
+        model = lpips.LPIPS(net=net, verbose=False).to(device).eval()
+    except Exception as err:  # noqa: BLE001 - any failure (offline download, bad file) means "no LPIPS"
+        log.info("LPIPS weights for %r could not be loaded (%s); reporting lpips as null", net, err)
+        return None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def lpips_or_none(pred: ImageLike, target: ImageLike, *, net: str = "alex") -> Optional[float]:
+    """LPIPS distance (lower is better) when the ``lpips`` package and its weights load, else None.
+
+    LPIPS is optional (it needs torchvision and weights that may need a download), so the
+    evaluation reports ``null`` instead of failing; the reason is logged once at info level.
+
+    Args:
+        pred, target: images [H, W, 3] or [B, H, W, 3] in [0, 1] (or uint8).
+        net: backbone, "alex" (the field's usual choice) or "vgg".
+
+    Returns:
+        The batch mean, or None when LPIPS is unavailable.
+    """
+    p, t = _pair(pred, target)
+    model = _load_lpips(net, str(p.device))
+    if model is None:
+        return None
+    with torch.no_grad():
+        x = p.float().permute(0, 3, 1, 2) * 2 - 1
+        y = t.float().permute(0, 3, 1, 2) * 2 - 1
+        return float(model(x, y).mean())
+
+
+__all__ = ["dssim_loss", "lpips_or_none", "psnr", "ssim"]

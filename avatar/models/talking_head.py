@@ -1,0 +1,193 @@
+"""The talking Gaussian head: canonical face and mouth Gaussians, their deformations, and the
+layered rendering that composites them over the subject's torso and background.
+
+Per frame, a condition (audio code of the frames around t, eye tracks) deforms two canonical
+sets: the face branch (position, rotation, scale offsets) and the inside of the mouth
+(translation only). They are rendered as separate layers and composited front to back: face over
+mouth, so lips and cheeks hide the teeth unless the face layer opens; the head over the frame's
+torso and background, which come from the subject (ground-truth torso pixels, background plate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from avatar.models._config import ModelConfig
+from avatar.models.audio import AudioConditioner, AudioEncoderConfig
+from avatar.models.deformation import (
+    FaceDeformationConfig,
+    MouthDeformationConfig,
+    apply_deformation,
+)
+from avatar.models.gaussians import GaussianInitConfig, GaussianSet, HeadInit, gaussian_set_from_points
+from avatar.render import rasterize
+
+SH_C0 = 0.28209479177387814
+
+EYE_FEATURES = ("eye_blink_left", "eye_blink_right", "brow_raise_left", "brow_raise_right")
+"""Blendshape tracks that condition the face branch besides audio (none of them is mouth motion,
+so a new utterance's lips come from its audio alone)."""
+
+
+@dataclass
+class TalkingHeadConfig(ModelConfig):
+    """Everything needed to rebuild a :class:`TalkingHead` (saved in RUN/config.json)."""
+
+    init: GaussianInitConfig = field(default_factory=GaussianInitConfig)
+    sh_degree: int = 0
+    """Spherical-harmonics degree of the colours (0: view-independent, the CPU choice)."""
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    face: FaceDeformationConfig = field(default_factory=FaceDeformationConfig)
+    mouth: MouthDeformationConfig = field(default_factory=MouthDeformationConfig)
+    eye_features: tuple[str, ...] = EYE_FEATURES
+    box_margin: float = 0.25
+    """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
+
+    def setup(self) -> "TalkingHead":
+        return TalkingHead(self, n_face=1, n_mouth=1)
+
+
+def fit_boxes(config: TalkingHeadConfig, init: HeadInit) -> TalkingHeadConfig:
+    """Set the encodings' bounding boxes around the initial face and mouth points."""
+
+    def box(points: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        lo, hi = points.min(axis=0), points.max(axis=0)
+        centre = (lo + hi) / 2
+        half = (hi - lo) / 2 * (1 + config.box_margin) + 1e-3
+        return tuple(float(v) for v in centre), tuple(float(v) for v in half)
+
+    fc, fh = box(init.face_points)
+    mc, mh = box(init.mouth_points)
+    face = dataclasses.replace(config.face, encoding=dataclasses.replace(config.face.encoding, center=fc, half_extent=fh),
+                               eye_dim=len(config.eye_features), audio_dim=config.audio.code_dim)
+    mouth = dataclasses.replace(config.mouth, encoding=dataclasses.replace(config.mouth.encoding, center=mc, half_extent=mh),
+                                audio_dim=config.audio.code_dim)
+    return dataclasses.replace(config, face=face, mouth=mouth)
+
+
+@dataclass
+class FrameCondition:
+    """What drives one frame: its audio code and eye condition."""
+
+    audio: Tensor
+    """[C_a] smoothed audio code."""
+    eye: Tensor
+    """[C_e] eye/brow tracks in 0..1."""
+
+
+@dataclass
+class LayerGaussians:
+    """Deformed Gaussians of one layer, ready for :func:`avatar.render.rasterize`."""
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    colors: Tensor
+    """[N, 3] RGB, or SH coefficients [N, K, 3] when ``sh_degree`` > 0."""
+
+
+class TalkingHead(nn.Module):
+    """Canonical Gaussians + audio conditioning + face and mouth deformation networks."""
+
+    def __init__(self, config: TalkingHeadConfig, n_face: int, n_mouth: int):
+        super().__init__()
+        self.config = config
+        self.face = GaussianSet.empty(n_face, config.sh_degree)
+        self.mouth = GaussianSet.empty(n_mouth, config.sh_degree)
+        self.audio = AudioConditioner(config.audio)
+        self.face_deform = config.face.setup()
+        self.mouth_deform = config.mouth.setup()
+
+    @classmethod
+    def from_init(cls, config: TalkingHeadConfig, init: HeadInit) -> "TalkingHead":
+        config = fit_boxes(config, init)
+        model = cls(config, n_face=len(init.face_points), n_mouth=len(init.mouth_points))
+        model.face = gaussian_set_from_points(init.face_points, init.face_colors, config.init, config.sh_degree)
+        model.mouth = gaussian_set_from_points(init.mouth_points, init.mouth_colors, config.init, config.sh_degree)
+        # The mouth interior starts darker and more transparent than the skin around it.
+        with torch.no_grad():
+            model.mouth.opacity_logits.fill_(0.0)
+        return model
+
+    @classmethod
+    def from_state_dict(cls, config: TalkingHeadConfig, state: dict[str, Tensor]) -> "TalkingHead":
+        """Rebuild from a checkpoint: Gaussian counts are read off the tensors' shapes."""
+        model = cls(config, n_face=state["face.means"].shape[0], n_mouth=state["mouth.means"].shape[0])
+        model.load_state_dict(state)
+        return model
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        return [*self.audio.parameters(), *self.face_deform.parameters(), *self.mouth_deform.parameters()]
+
+    def conditions(self, features: Tensor, indices: Tensor, eye: Tensor, smooth: bool = True) -> list[FrameCondition]:
+        """Conditions of B frames from the sequence's audio features [T, W, D] and eye tracks [B, E]."""
+        codes, _ = self.audio(features, indices, smooth=smooth)
+        return [FrameCondition(codes[b], eye[b]) for b in range(len(indices))]
+
+    def _colors(self, gaussians: GaussianSet) -> Tensor:
+        if self.config.sh_degree == 0:
+            return (gaussians.sh[:, 0] * SH_C0 + 0.5).clamp_min(0.0)
+        return gaussians.sh
+
+    def deform(self, cond: Optional[FrameCondition]) -> tuple[LayerGaussians, LayerGaussians]:
+        """Face and mouth layers for one frame (``cond=None``: the canonical, undeformed head)."""
+        face, mouth = self.face, self.mouth
+        if cond is None:
+            f_means, f_quats, f_logs = face.means, face.quats, face.log_scales
+            m_means = mouth.means
+        else:
+            out = self.face_deform(face.means, cond.audio, cond.eye)
+            f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
+                                                         out.d_xyz, out.d_rot, out.d_scale)
+            m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
+        face_layer = LayerGaussians(f_means, f_quats, torch.exp(f_logs), face.opacities, self._colors(face))
+        mouth_layer = LayerGaussians(m_means, mouth.quats, mouth.scales, mouth.opacities, self._colors(mouth))
+        return face_layer, mouth_layer
+
+    def render(
+        self,
+        cond: Optional[FrameCondition],
+        viewmat: Tensor,  # [4, 4]
+        K: Tensor,  # [3, 3]
+        width: int,
+        height: int,
+        background: Optional[Tensor] = None,  # [H, W, 3]
+        backend: str = "auto",
+        layers: tuple[str, ...] = ("face", "mouth"),
+    ) -> dict[str, Any]:
+        """Render one frame.
+
+        Returns a dict with ``rgb`` [H, W, 3] (head over ``background``, or over black),
+        ``head_alpha`` [H, W, 1], ``face_alpha``, ``mouth_alpha`` [H, W, 1], and ``meta`` per layer
+        (the rasterizer's, for densification).
+        """
+        face_layer, mouth_layer = self.deform(cond)
+        out: dict[str, Any] = {"meta": {}}
+        premult = torch.zeros(height, width, 3, device=viewmat.device)
+        alpha = torch.zeros(height, width, 1, device=viewmat.device)
+        # Back to front: mouth interior first, then the face layer over it.
+        for name, layer in (("mouth", mouth_layer), ("face", face_layer)):
+            if name not in layers:
+                out[f"{name}_alpha"] = torch.zeros_like(alpha)
+                continue
+            rgb, a, meta = rasterize(
+                layer.means, layer.quats, layer.scales, layer.opacities, layer.colors,
+                viewmat[None], K[None], width, height,
+                sh_degree=self.config.sh_degree if self.config.sh_degree > 0 else None, backend=backend,
+            )
+            rgb, a = rgb[0], a[0]
+            premult = rgb + (1 - a) * premult
+            alpha = a + (1 - a) * alpha
+            out[f"{name}_alpha"] = a
+            out["meta"][name] = meta
+        out["head_rgb"] = premult
+        out["head_alpha"] = alpha
+        out["rgb"] = premult if background is None else premult + (1 - alpha) * background
+        return out

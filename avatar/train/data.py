@@ -1,0 +1,118 @@
+"""A subject as training data: frames, cameras and conditions at the training resolution.
+
+Frames and label maps come from the subject's memory-mapped uint8 cache and are turned into
+float tensors one frame at a time, so memory stays bounded whatever the subject's length. Per
+frame tracks (cameras, eye conditions, audio features) are small and held as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.errors import InputError
+from avatar.preprocess import topology
+from avatar.progress import Progress
+from avatar.subject import LABEL, Subject
+
+HEAD_LABELS = (LABEL["face"], LABEL["mouth_interior"], LABEL["hair"])
+
+
+@dataclass
+class Frame:
+    """One training frame on the training device."""
+
+    index: int
+    image: Tensor
+    """[H, W, 3] float in [0, 1]."""
+    background: Tensor
+    """[H, W, 3]: ground-truth torso pixels over the background plate (what the head covers)."""
+    head_mask: Tensor
+    """[H, W, 1] float: face, mouth interior and hair labels."""
+    mouth_box: tuple[int, int, int, int]
+    """x0, y0, x1, y1 around the lips, in training pixels."""
+    viewmat: Tensor
+    """[4, 4] world-to-camera."""
+    K: Tensor
+    """[3, 3] intrinsics at the training resolution."""
+    eye: Tensor
+    """[E] eye condition."""
+
+
+def scaled_intrinsics(K: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
+    """Intrinsics for an image resized from ``from_size`` to ``to_size`` pixels (square)."""
+    s = to_size / from_size
+    out = K.astype(np.float64).copy()
+    out[:2] *= s
+    return out
+
+
+def eye_conditions(tracks: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """The named blendshape tracks [T, E] (the face branch's non-audio condition)."""
+    available = [str(n) for n in tracks["blendshape_names"]]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise InputError(f"the subject has no {', '.join(missing)} track; preprocess it again.")
+    return tracks["blendshapes"][:, [available.index(n) for n in names]].astype(np.float32)
+
+
+class SubjectData:
+    """Training view of a subject at one resolution."""
+
+    def __init__(self, subject_dir: Path | str, resolution: int, eye_features: Sequence[str],
+                 device: torch.device | str = "cpu", progress: Optional[Progress] = None):
+        self.subject = Subject(subject_dir)
+        self.resolution = resolution
+        self.device = torch.device(device)
+        m = self.subject.manifest
+        tracks = self.subject.tracks
+        self.frames, self.masks = self.subject.image_cache(resolution, progress)
+        plate = self.subject.background()
+        if plate.shape[0] != resolution:
+            import cv2
+
+            plate = cv2.resize(plate, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        self.plate = torch.from_numpy(plate).to(self.device).float() / 255.0
+        self.K = torch.from_numpy(scaled_intrinsics(tracks["intrinsics"], m.size, resolution)).float().to(self.device)
+        self.viewmats = torch.linalg.inv(torch.from_numpy(tracks["cam_to_world"]).double()).float().to(self.device)
+        self.eye = torch.from_numpy(eye_conditions(tracks, eye_features)).to(self.device)
+        self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
+        self.valid = tracks["valid"].astype(bool)
+        lips = tracks["landmarks"][:, list(topology.LIPS_OUTER), :2] * (resolution / m.size)
+        self.lips = np.nan_to_num(lips)
+        self.face_mean = tracks["face_mean"]
+
+    @property
+    def n_frames(self) -> int:
+        return self.subject.n_frames
+
+    def split(self, name: str, valid_only: bool = True) -> np.ndarray:
+        idx = self.subject.frame_indices(name)
+        return idx[self.valid[idx]] if valid_only else idx
+
+    def mouth_box(self, index: int, pad: float = 0.35) -> tuple[int, int, int, int]:
+        pts = self.lips[index]
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        margin = (hi - lo).max() * pad
+        x0, y0 = np.floor(lo - margin).astype(int)
+        x1, y1 = np.ceil(hi + margin).astype(int)
+        r = self.resolution
+        return max(0, x0), max(0, y0), min(r, x1), min(r, y1)
+
+    def frame(self, index: int) -> Frame:
+        image = torch.from_numpy(np.asarray(self.frames[index])).to(self.device).float() / 255.0
+        labels = torch.from_numpy(np.asarray(self.masks[index])).to(self.device)
+        torso = (labels == LABEL["torso_neck"])[..., None]
+        head = torch.zeros_like(torso)
+        for value in HEAD_LABELS:
+            head |= (labels == value)[..., None]
+        background = torch.where(torso, image, self.plate)
+        return Frame(
+            index=int(index), image=image, background=background, head_mask=head.float(),
+            mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, eye=self.eye[index],
+        )

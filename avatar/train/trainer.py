@@ -1,0 +1,467 @@
+"""Training a talking Gaussian head on a subject.
+
+Stages follow the anchors, as iteration counts of the preset:
+
+1. static (``static_iterations``): the canonical Gaussians alone learn the average head;
+2. deform: the face and mouth branches learn audio- and eye-driven offsets, the audio encoder
+   first on single frames, then (``smooth_audio_after``) with temporal attention;
+3. fuse (the last ``1 - fuse_after`` share): learning rates decay, densification has stopped.
+
+Only train-split frames are sampled; the validation split is never seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.configs import preset_overrides
+from avatar.errors import AvatarError, OutputExistsError
+from avatar.models._config import ModelConfig
+from avatar.models.gaussians import init_head
+from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
+from avatar.progress import Progress, null_progress
+from avatar.train.checkpoint import (
+    RunPaths,
+    load_checkpoint,
+    model_state,
+    optimizer_state,
+    save_checkpoint,
+)
+from avatar.train.data import Frame, SubjectData
+from avatar.train.ops import make_optimizer
+from avatar.train.strategy import DensifyStrategy
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT_VERSION = 1
+
+
+@dataclass
+class LearningRates(ModelConfig):
+    """Adam learning rates. Position rates are multiplied by the head's size (scene scale)."""
+
+    means: float = 1.6e-3
+    means_final: float = 1.6e-5
+    quats: float = 2e-3
+    log_scales: float = 8e-3
+    opacity_logits: float = 5e-2
+    sh: float = 5e-3
+    tables: float = 5e-3
+    """Hash-grid tables of the deformation fields."""
+    networks: float = 1e-3
+    """MLPs and the audio encoder."""
+    fuse_factor: float = 0.1
+    """Network learning rates are multiplied by this in the fuse stage."""
+
+
+@dataclass
+class LossWeights(ModelConfig):
+    l1: float = 1.0
+    dssim: float = 0.2
+    """D-SSIM on the head's bounding box."""
+    mouth: float = 1.0
+    """Extra L1 inside the box around the lips."""
+    alpha: float = 0.2
+    """L1 between the head's alpha and the head mask (face, hair, mouth labels)."""
+    scale: float = 10.0
+    """Penalty on Gaussians larger than ``max_scale`` times the head size."""
+    max_scale: float = 0.04
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    """Everything a run needs; saved to RUN/config.json."""
+
+    subject: str = ""
+    preset: str = "fast"
+    resolution: int = 256
+    iterations: int = 3000
+    static_iterations: int = 300
+    smooth_audio_after: int = 1000
+    fuse_after: float = 0.8
+    device: str = "cpu"
+    seed: int = 0
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+    log_every: int = 25
+    checkpoint_every: int = 1000
+    preview_every: int = 500
+    model: TalkingHeadConfig = field(default_factory=TalkingHeadConfig)
+    lr: LearningRates = field(default_factory=LearningRates)
+    loss: LossWeights = field(default_factory=LossWeights)
+    strategy: DensifyStrategy = field(default_factory=DensifyStrategy)
+    format_version: int = RUN_FORMAT_VERSION
+
+
+def merge(config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with nested ``overrides`` applied (unknown keys raise ValueError)."""
+    changes = {}
+    names = {f.name for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"{type(config).__name__} has no option {key!r}; options: {sorted(names)}")
+        current = getattr(config, key)
+        changes[key] = merge(current, value) if isinstance(value, dict) and dataclasses.is_dataclass(current) else value
+    return dataclasses.replace(config, **changes)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AvatarError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise AvatarError(f"unknown device {device!r}; use auto, cpu or cuda.")
+    return torch.device(device)
+
+
+def make_config(subject: Path | str, preset: str = "fast", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    config = merge(TrainConfig(), preset_overrides(preset))
+    config = dataclasses.replace(config, subject=str(Path(subject).resolve()), preset=preset)
+    return merge(config, overrides or {})
+
+
+def save_config(paths: RunPaths, config: TrainConfig) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.config.with_name("config.json.partial")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(paths.config)
+
+
+def load_config(run_dir: Path | str) -> TrainConfig:
+    paths = RunPaths(run_dir)
+    if not paths.config.is_file():
+        raise AvatarError(f"{paths.root} is not a run directory (no config.json); train one with `avatar train`.")
+    try:
+        data = json.loads(paths.config.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AvatarError(f"{paths.config} is unreadable ({err}).") from None
+    if data.get("format_version") != RUN_FORMAT_VERSION:
+        raise AvatarError(
+            f"{paths.root} was trained by run format {data.get('format_version')}, this avatar reads "
+            f"{RUN_FORMAT_VERSION}; train it again."
+        )
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise AvatarError(f"{paths.config} does not match this version of avatar ({err}); train again.") from None
+
+
+def load_model(run_dir: Path | str, device: str = "cpu", step: Optional[int] = None) -> tuple[TrainConfig, TalkingHead, int]:
+    """The trained model of a run (newest checkpoint), in eval mode on ``device``."""
+    config = load_config(run_dir)
+    tensors, meta = load_checkpoint(RunPaths(run_dir), step)
+    try:
+        model = TalkingHead.from_state_dict(config.model, model_state(tensors))
+    except (RuntimeError, KeyError) as err:
+        raise AvatarError(f"the checkpoint of {run_dir} does not fit its config.json ({err}); train again.") from None
+    return config, model.to(resolve_device(device)).eval(), int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _initial_model(data: SubjectData, config: TrainConfig) -> TalkingHead:
+    """Initial Gaussians from the face model and a few train frames (see models.gaussians)."""
+    train_idx = data.split("train")
+    picks = train_idx[np.linspace(0, len(train_idx) - 1, num=min(config.model.init.reference_frames, len(train_idx))).astype(int)]
+    frames = np.stack([np.asarray(data.frames[i]) for i in picks])
+    labels = np.stack([np.asarray(data.masks[i]) for i in picks])
+    from avatar.train.data import HEAD_LABELS
+
+    head = np.isin(labels, HEAD_LABELS)
+    names = [str(n) for n in data.subject.tracks["blendshape_names"]]
+    jaw = data.subject.tracks["blendshapes"][picks, names.index("jaw_open")] if "jaw_open" in names else None
+    init = init_head(
+        data.face_mean, data.viewmats[picks].cpu().numpy().astype(np.float64), data.K.cpu().numpy().astype(np.float64),
+        frames, head, int(np.argmax(jaw)) if jaw is not None else None, config.model.init, seed=config.seed,
+    )
+    return TalkingHead.from_init(config.model, init)
+
+
+def _gaussian_optimizer(gaussians, lr: LearningRates, scene_scale: float) -> torch.optim.Adam:
+    return make_optimizer(gaussians, {
+        "means": lr.means * scene_scale, "quats": lr.quats, "log_scales": lr.log_scales,
+        "opacity_logits": lr.opacity_logits, "sh": lr.sh,
+    })
+
+
+def _network_optimizer(model: TalkingHead, lr: LearningRates) -> torch.optim.Adam:
+    tables, others = [], []
+    for name, p in model.named_parameters():
+        if name.startswith(("face.", "mouth.")):
+            continue
+        (tables if "encoding" in name else others).append(p)
+    return torch.optim.Adam([
+        {"params": tables, "lr": lr.tables, "name": "tables"},
+        {"params": others, "lr": lr.networks, "name": "networks"},
+    ], eps=1e-15)
+
+
+def scene_scale_of(model: TalkingHead) -> float:
+    means = model.face.means.detach()
+    return float((means.max(0).values - means.min(0).values).norm())
+
+
+def _box_of(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:
+    ys, xs = torch.nonzero(mask[..., 0] > 0.5, as_tuple=True)
+    h, w = mask.shape[:2]
+    if len(ys) == 0:
+        return 0, 0, w, h
+    return (max(0, int(xs.min()) - pad), max(0, int(ys.min()) - pad),
+            min(w, int(xs.max()) + 1 + pad), min(h, int(ys.max()) + 1 + pad))
+
+
+def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales: Tensor,
+                 scene_scale: float) -> tuple[Tensor, dict[str, float]]:
+    """Photometric, mouth, mask and scale terms of one frame."""
+    from avatar.eval.metrics import dssim_loss
+
+    pred, gt = out["rgb"], frame.image
+    l1 = (pred - gt).abs().mean()
+    x0, y0, x1, y1 = _box_of(frame.head_mask)
+    crop_p = pred[y0:y1, x0:x1].permute(2, 0, 1)[None]
+    crop_g = gt[y0:y1, x0:x1].permute(2, 0, 1)[None]
+    dssim = dssim_loss(crop_p, crop_g) if min(y1 - y0, x1 - x0) >= 11 else pred.new_zeros(())
+    mx0, my0, mx1, my1 = frame.mouth_box
+    mouth = (pred[my0:my1, mx0:mx1] - gt[my0:my1, mx0:mx1]).abs().mean() if mx1 > mx0 and my1 > my0 else pred.new_zeros(())
+    alpha = (out["head_alpha"] - frame.head_mask).abs().mean()
+    big = torch.relu(scales - weights.max_scale * scene_scale).mean() / scene_scale
+    loss = weights.l1 * l1 + weights.dssim * dssim + weights.mouth * mouth + weights.alpha * alpha + weights.scale * big
+    with torch.no_grad():
+        mse = ((pred.clamp(0, 1) - gt) ** 2).mean()
+        psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
+    return loss, {"loss": float(loss), "l1": float(l1), "dssim": float(dssim), "mouth": float(mouth),
+                  "alpha": float(alpha), "psnr": psnr}
+
+
+def preview_image(pred: Tensor, gt: Tensor) -> np.ndarray:
+    """GT | render | error (x4) side by side, uint8 RGB."""
+    p = pred.detach().clamp(0, 1).cpu().numpy()
+    g = gt.detach().cpu().numpy()
+    err = np.clip(np.abs(p - g) * 4, 0, 1)
+    return (np.concatenate([g, p, err], axis=1) * 255).round().astype(np.uint8)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    n_gaussians: int
+    last_psnr: float
+    metrics: dict[str, Any]
+
+
+class _Trainer:
+    """Holds the state of one training run (model, optimizers, densification, RNG)."""
+
+    def __init__(self, config: TrainConfig, paths: RunPaths, device: torch.device, progress: Optional[Progress]):
+        self.config, self.paths, self.device = config, paths, device
+        self.progress = progress or null_progress
+        self.data = SubjectData(config.subject, config.resolution, config.model.eye_features, device, progress)
+        self.train_idx = self.data.split("train")
+        if len(self.train_idx) < 2:
+            raise AvatarError(f"{config.subject} has fewer than 2 tracked training frames.")
+
+    def setup(self, resume: bool) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.sampler = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        tensors = meta = None
+        if resume:
+            tensors, meta = load_checkpoint(self.paths)
+            self.model = TalkingHead.from_state_dict(cfg.model, model_state(tensors)).to(self.device)
+            self.step = int(meta["step"])
+        else:
+            self.model = _initial_model(self.data, cfg).to(self.device)
+            # The deformation fields' boxes were fitted to the initial points: keep them in config.json.
+            self.config = cfg = dataclasses.replace(cfg, model=self.model.config)
+            save_config(self.paths, cfg)
+        self.scene_scale = float(meta["scene_scale"]) if meta else scene_scale_of(self.model)
+        self.optimizers = {
+            "face": _gaussian_optimizer(self.model.face, cfg.lr, self.scene_scale),
+            "mouth": _gaussian_optimizer(self.model.mouth, cfg.lr, self.scene_scale),
+            "networks": _network_optimizer(self.model, cfg.lr),
+        }
+        self.strategy_state = {
+            "face": cfg.strategy.initialize_state(len(self.model.face), self.device),
+            "mouth": cfg.strategy.initialize_state(len(self.model.mouth), self.device),
+        }
+        if resume:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(optimizer_state(name, tensors, meta))
+            for layer in ("face", "mouth"):
+                for key in list(self.strategy_state[layer]):
+                    name = f"strategy/{layer}/{key}"
+                    if name in tensors:
+                        self.strategy_state[layer][key] = tensors[name].to(self.device)
+            torch.set_rng_state(tensors["rng/torch"])
+            self.sampler.set_state(tensors["rng/sampler"])
+
+    # -- schedule ---------------------------------------------------------------------------
+    def _set_learning_rates(self) -> None:
+        cfg, lr = self.config, self.config.lr
+        t = min(self.step / max(cfg.iterations, 1), 1.0)
+        means_lr = math.exp((1 - t) * math.log(lr.means) + t * math.log(lr.means_final)) * self.scene_scale
+        for name in ("face", "mouth"):
+            for group in self.optimizers[name].param_groups:
+                if group["name"] == "means":
+                    group["lr"] = means_lr
+        fuse = self.step >= cfg.fuse_after * cfg.iterations
+        for group in self.optimizers["networks"].param_groups:
+            base = lr.tables if group["name"] == "tables" else lr.networks
+            group["lr"] = base * (lr.fuse_factor if fuse else 1.0)
+
+    def condition(self, index: int, frame: Frame) -> Optional[FrameCondition]:
+        if self.step < self.config.static_iterations:
+            return None
+        smooth = self.step >= self.config.smooth_audio_after
+        idx = torch.tensor([index], device=self.device)
+        return self.model.conditions(self.data.audio_features, idx, frame.eye[None], smooth=smooth)[0]
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.config
+        self._set_learning_rates()
+        pick = int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))
+        frame = self.data.frame(int(self.train_idx[pick]))
+        cond = self.condition(frame.index, frame)
+        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.background)
+        scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
+        loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale)
+        loss.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        for layer, gaussians in (("face", self.model.face), ("mouth", self.model.mouth)):
+            if layer in out["meta"]:
+                counts = cfg.strategy.step_post_backward(
+                    gaussians, self.optimizers[layer], self.strategy_state[layer], self.step,
+                    out["meta"][layer], self.scene_scale,
+                )
+                for key, value in (counts or {}).items():
+                    if value:
+                        parts[f"{layer}_{key}"] = float(value)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self._last_out, self._last_frame = out, frame
+        return parts
+
+    def save(self) -> None:
+        extra = {"rng/torch": torch.get_rng_state(), "rng/sampler": self.sampler.get_state()}
+        for layer, state in self.strategy_state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    extra[f"strategy/{layer}/{key}"] = value
+        save_checkpoint(self.paths, self.step, self.model, self.optimizers, extra,
+                        {"scene_scale": self.scene_scale, "n_face": len(self.model.face),
+                         "n_mouth": len(self.model.mouth)})
+
+
+def train(
+    subject_dir: Path | str,
+    run_dir: Path | str,
+    preset: str = "fast",
+    overrides: Optional[dict[str, Any]] = None,
+    device: str = "auto",
+    resume: bool = False,
+    evaluate: bool = True,
+    progress: Optional[Progress] = None,
+) -> TrainResult:
+    """Train a talking Gaussian head on a subject into a run directory.
+
+    Args:
+        overrides: nested options over the preset, e.g. ``{"iterations": 500}``.
+        resume: continue the run in ``run_dir`` from its newest checkpoint, exactly.
+        evaluate: render the validation split at the end and write RUN/metrics.json.
+
+    Raises:
+        AvatarError: bad subject, run directory in the way, unknown option or device.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from avatar.subject import read_manifest
+
+    paths = RunPaths(run_dir)
+    dev = resolve_device(device)
+    if resume:
+        config = load_config(run_dir)
+        if overrides and "iterations" in overrides:
+            config = dataclasses.replace(config, iterations=int(overrides["iterations"]))
+    else:
+        if paths.config.exists():
+            raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it or choose another directory.")
+        if paths.root.exists() and any(paths.root.iterdir()):
+            raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
+        read_manifest(subject_dir)  # a clear error before anything is created
+        try:
+            config = make_config(subject_dir, preset, overrides)
+        except ValueError as err:
+            raise AvatarError(str(err)) from None
+    config = dataclasses.replace(config, device=str(dev))
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    trainer = _Trainer(config, paths, dev, progress)
+    trainer.setup(resume)
+    config = trainer.config
+    report = progress or null_progress
+    writer = SummaryWriter(str(paths.tensorboard))
+    paths.previews.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    parts: dict[str, float] = {}
+    psnr_avg = float("nan")
+    try:
+        report("train", trainer.step, config.iterations)
+        while trainer.step < config.iterations:
+            parts = trainer.train_step()
+            psnr_avg = parts["psnr"] if math.isnan(psnr_avg) else 0.95 * psnr_avg + 0.05 * parts["psnr"]
+            step = trainer.step
+            if step % config.log_every == 0 or step == config.iterations:
+                for key, value in parts.items():
+                    writer.add_scalar(f"train/{key}", value, step)
+                writer.add_scalar("train/n_gaussians", len(trainer.model.face) + len(trainer.model.mouth), step)
+                log.info("step %d loss %.4f psnr %.2f gaussians %d", step, parts["loss"], psnr_avg,
+                         len(trainer.model.face) + len(trainer.model.mouth))
+            if step % config.preview_every == 0 or step == config.iterations:
+                _write_preview(trainer, writer, step)
+            if step % config.checkpoint_every == 0 or step == config.iterations:
+                trainer.save()
+            report("train", step, config.iterations)
+    finally:
+        writer.flush()
+        writer.close()
+    seconds = time.perf_counter() - start
+    metrics: dict[str, Any] = {}
+    if evaluate:
+        from avatar.eval.evaluate import evaluate_model
+
+        metrics = evaluate_model(trainer.model, trainer.data, split="val", progress=progress)
+        metrics.update({"train_seconds": round(seconds, 1), "steps": trainer.step, "preset": config.preset,
+                        "n_gaussians": len(trainer.model.face) + len(trainer.model.mouth)})
+        tmp = paths.metrics.with_name("metrics.json.partial")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(paths.metrics)
+    return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
+                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth),
+                       last_psnr=psnr_avg, metrics=metrics)
+
+
+def _write_preview(trainer: _Trainer, writer, step: int) -> None:
+    import cv2
+
+    out, frame = trainer._last_out, trainer._last_frame
+    image = preview_image(out["rgb"], frame.image)
+    cv2.imwrite(str(trainer.paths.previews / f"step_{step:06d}.png"), image[:, :, ::-1])
+    writer.add_image("preview/gt_render_error", image, step, dataformats="HWC")
