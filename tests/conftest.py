@@ -52,3 +52,18 @@ def moving_portrait(image: np.ndarray, size: int = 256) -> Callable[[int], np.nd
         return cv2.warpAffine(base, m, (size, size), borderMode=cv2.BORDER_REFLECT)
 
     return frame
+
+
+@pytest.fixture(scope="session")
+def small_subject(tmp_path_factory):
+    """A short synthetic sample preprocessed at 128 px: (sample paths, subject dir).
+
+    Shared by the training, rendering and evaluation tests (about 10 s to build).
+    """
+    from avatar.preprocess.pipeline import PreprocessConfig, preprocess
+    from avatar.sample import SampleConfig, make_sample
+
+    root = tmp_path_factory.mktemp("small_subject")
+    paths = make_sample(root / "sample", SampleConfig(seed=0, duration_s=6.0, size=256))
+    preprocess(paths.video, root / "subject", PreprocessConfig(size=128))
+    return paths, root / "subject"

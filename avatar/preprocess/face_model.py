@@ -43,11 +43,12 @@ Cost: about 2-5 ms per frame on two CPU cores (no Python loop over frames).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -137,6 +138,12 @@ class FaceModelConfig:
 
     min_valid_frames: int = 10
     """Fewer valid frames than this is an error."""
+
+    threads: Optional[int] = 1
+    """Torch intra-op threads during the fit (the previous setting is restored afterwards); None
+    leaves torch's setting alone. The fit is mostly medium-sized, memory-bound tensor work: one
+    thread is nearly as fast as two on an idle machine, and several times faster when other
+    work competes for the cores (threads that wait on each other spin)."""
 
 
 @dataclass
@@ -360,7 +367,10 @@ class _Smoother:
                 ab[0, p::6] += c0[:, p] * w2[p]
                 ab[6, p:6 * (n - 1):6] = c1[:, p] * w2[p]
                 ab[12, p:6 * (n - 2):6] = om[:, p] * w2[p]
-        x = solveh_banded(ab, -rhs.reshape(-1), lower=True, check_finite=False)
+        try:
+            x = solveh_banded(ab, -rhs.reshape(-1), lower=True, check_finite=False)
+        except np.linalg.LinAlgError:  # not positive definite (NaN input): no step
+            return np.zeros((n, 6))
         return x.reshape(n, 6)
 
 
@@ -448,7 +458,7 @@ def _frame_step(st: _State, h: torch.Tensor, g: torch.Tensor, smoother: _Smoothe
     if k:
         hee = h[:, 6:, 6:]
         hep = h[:, 6:, :6]
-        chol = torch.linalg.cholesky(hee)
+        chol, _ = torch.linalg.cholesky_ex(hee)  # a failure gives NaN: the step is rejected
         x = torch.cholesky_solve(torch.cat([hep, g[:, 6:, None]], 2), chol)  # H_ee^-1 [H_ep, g_e]
         s_blocks = hpp - hep.transpose(1, 2) @ x[..., :6]
         b = gp - (hep.transpose(1, 2) @ x[..., 6:])[..., 0]
@@ -538,32 +548,31 @@ def _global_step(st: _State, h: torch.Tensor, g: torch.Tensor, damping: float) -
     return new
 
 
-def _rigid_directions(points: torch.Tensor) -> torch.Tensor:
-    """Infinitesimal similarity motions of ``points`` [P, 3] about their centroid: [P*3, 7]
+def _rigid_directions(points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Infinitesimal similarity motions of ``points`` [P, 3] about ``centre`` [3]: [P*3, 7]
     (translation x, y, z; rotation about x, y, z; scale)."""
-    p = points - points.mean(0)
-    n = p.shape[0]
-    eye = torch.eye(3, dtype=p.dtype).expand(n, 3, 3)
+    p = points - centre
+    eye = torch.eye(3, dtype=p.dtype).expand(p.shape[0], 3, 3)
     rot = -_skew(p)  # d(omega x p)/d(omega)
-    return torch.cat([eye, rot, p[..., None]], 2).reshape(n * 3, 7)
+    return torch.cat([eye, rot, p[..., None]], 2).reshape(-1, 7)
 
 
 def _remove_rigid(st: _State) -> _State:
     """Project every expression basis vector onto deformations that do not move the rigid
     landmark set (:data:`RIGID_LANDMARKS`) as a similarity transform.
 
-    Without this a flexible basis can mimic small head rotations, and the pose smoothness prior
-    would then push real head motion into the expression coefficients.
+    The similarity motion that best explains a basis vector on the rigid set is subtracted from
+    the whole vector. Without this a flexible basis can mimic small head rotations, and the pose
+    smoothness prior would then push real head motion into the expression coefficients.
     """
     k = st.basis.shape[0]
     if k == 0:
         return st
     idx = torch.tensor(RIGID_LANDMARKS)
-    centre = st.mean[idx].mean(0)
-    g_rigid = _rigid_directions(st.mean[idx]).double()
-    p_all = (st.mean - centre).double()
-    g_all = torch.cat([torch.eye(3, dtype=p_all.dtype).expand(len(p_all), 3, 3), -_skew(p_all),
-                       p_all[..., None]], 2).reshape(-1, 7)
+    mean = st.mean.double()
+    centre = mean[idx].mean(0)
+    g_rigid = _rigid_directions(mean[idx], centre)  # [3R, 7]
+    g_all = _rigid_directions(mean, centre)  # [3V, 7]
     b = st.basis.double()
     theta = torch.linalg.lstsq(g_rigid, b[:, idx].reshape(k, -1).T).solution  # [7, K]
     new = st.copy()
@@ -716,6 +725,19 @@ def _mean_error(st: _State, data: _Data) -> torch.Tensor:
     return res[..., :2].norm(dim=-1).mean(1)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: Optional[int]) -> Iterator[None]:
+    """Run the body with ``n`` torch intra-op threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def fit_face_model(
     landmarks: np.ndarray,
     valid: np.ndarray,
@@ -741,8 +763,16 @@ def fit_face_model(
         ValueError: wrong shapes, non-finite landmarks in valid frames, or fewer than
             ``config.min_valid_frames`` valid frames.
     """
-    t0 = time.perf_counter()
     config = config or FaceModelConfig()
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {config.threads}")
+    with _torch_threads(config.threads), torch.no_grad():
+        return _fit_face_model(landmarks, valid, image_size, config, progress)
+
+
+def _fit_face_model(landmarks, valid, image_size, config: FaceModelConfig,
+                    progress: Optional[Progress]) -> FaceModelFit:
+    t0 = time.perf_counter()
     report = progress or null_progress
     landmarks = np.asarray(landmarks)
     valid = np.asarray(valid)

@@ -105,8 +105,8 @@ class SubjectData:
         return max(0, x0), max(0, y0), min(r, x1), min(r, y1)
 
     def frame(self, index: int) -> Frame:
-        image = torch.from_numpy(np.asarray(self.frames[index])).to(self.device).float() / 255.0
-        labels = torch.from_numpy(np.asarray(self.masks[index])).to(self.device)
+        image = torch.from_numpy(np.array(self.frames[index])).to(self.device).float() / 255.0
+        labels = torch.from_numpy(np.array(self.masks[index])).to(self.device)
         torso = (labels == LABEL["torso_neck"])[..., None]
         head = torch.zeros_like(torso)
         for value in HEAD_LABELS:

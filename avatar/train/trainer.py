@@ -242,8 +242,8 @@ def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales
     with torch.no_grad():
         mse = ((pred.clamp(0, 1) - gt) ** 2).mean()
         psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
-    return loss, {"loss": float(loss), "l1": float(l1), "dssim": float(dssim), "mouth": float(mouth),
-                  "alpha": float(alpha), "psnr": psnr}
+    parts = {"loss": loss, "l1": l1, "dssim": dssim, "mouth": mouth, "alpha": alpha}
+    return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "psnr": psnr}
 
 
 def preview_image(pred: Tensor, gt: Tensor) -> np.ndarray:
@@ -405,11 +405,14 @@ def train(
             raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it or choose another directory.")
         if paths.root.exists() and any(paths.root.iterdir()):
             raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
-        read_manifest(subject_dir)  # a clear error before anything is created
+        manifest = read_manifest(subject_dir)  # a clear error before anything is created
         try:
             config = make_config(subject_dir, preset, overrides)
         except ValueError as err:
             raise AvatarError(str(err)) from None
+        if config.resolution > manifest.size:
+            log.info("Training at the subject's %d px (the preset asks for %d).", manifest.size, config.resolution)
+            config = dataclasses.replace(config, resolution=manifest.size)
     config = dataclasses.replace(config, device=str(dev))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -439,6 +442,12 @@ def train(
             if step % config.checkpoint_every == 0 or step == config.iterations:
                 trainer.save()
             report("train", step, config.iterations)
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was learned, so that --resume continues from here.
+        if trainer.paths.latest_checkpoint() != trainer.step:
+            trainer.save()
+        log.warning("Interrupted at step %d; continue with --resume.", trainer.step)
+        raise
     finally:
         writer.flush()
         writer.close()

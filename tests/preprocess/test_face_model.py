@@ -231,7 +231,8 @@ def test_bad_input_raises(case, synthetic_clip):
 def _small_problem(make_clip, depth_weight: float):
     c = make_clip(n_frames=4, seed=8)
     lm = torch.from_numpy(c["landmarks"])
-    st = fm._State(rot=torch.from_numpy(c["rot"]).float(), trans=torch.from_numpy(c["trans"]).float(),
+    st = fm._State(rot=torch.from_numpy(c["rot"]).float(),
+                   trans=torch.from_numpy(c["trans"]).float(),
                    expr=torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) * 0.01,
                    mean=torch.from_numpy(c["shapes"][0]).float(),
                    basis=torch.randn(3, 478, 3, generator=torch.Generator().manual_seed(1)) * 0.05,
@@ -243,9 +244,13 @@ def _small_problem(make_clip, depth_weight: float):
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:DeprecationWarning")
-def test_normal_equations_match_autograd(make_clip):
-    """The hand-written Gauss-Newton systems equal J^T J and J^T r from autograd."""
-    st, data = _small_problem(make_clip, depth_weight=0.0)
+@pytest.mark.parametrize("depth_weight", [0.0, 0.05])
+def test_normal_equations_match_autograd(make_clip, depth_weight):
+    """The hand-written Gauss-Newton systems equal J^T J and J^T r from autograd (exactly for the
+    x, y terms; the depth term's per-frame scale and, in the global block, its per-frame
+    centring are held fixed, a small approximation)."""
+    st, data = _small_problem(make_clip, depth_weight=depth_weight)
+    tol = 1e-3 if depth_weight == 0 else 2e-2
     h, g = fm._frame_normal_equations(st, data)
 
     def frame_residuals(x):  # x [T, 6 + K]: rotation increment, translation, expression
@@ -263,9 +268,9 @@ def test_normal_equations_match_autograd(make_clip):
         jt = jac[t, :, :, t].reshape(-1, 9).double()
         scale = h[t].diagonal().clamp_min(1e-12).sqrt()
         hn = (jt.T @ jt - h[t]) / (scale[:, None] * scale[None]).clamp_min(1e-6)
-        assert hn.abs().max() < 1e-3
+        assert hn.abs().max() < tol
         gt = jt.T @ res[t].reshape(-1).double()
-        assert torch.allclose(gt, g[t], rtol=1e-3, atol=1e-3 * float(g.abs().max()))
+        assert torch.allclose(gt, g[t], rtol=tol, atol=tol * float(g.abs().max()))
 
     hg, gg = fm._global_normal_equations(st, data)
     points = torch.tensor([0, 200, 477])
@@ -284,16 +289,16 @@ def test_normal_equations_match_autograd(make_clip):
         jv = jac[:, v, :, i].reshape(-1, 12).double()
         scale = hg[v].diagonal().clamp_min(1e-12).sqrt()
         hn = (jv.T @ jv - hg[v]) / (scale[:, None] * scale[None]).clamp_min(1e-6)
-        assert hn.abs().max() < 1e-3
+        assert hn.abs().max() < tol
         gv = jv.T @ res[:, v].reshape(-1).double()
-        assert torch.allclose(gv, gg[v], rtol=1e-3, atol=1e-3 * float(gg[v].abs().max()))
+        assert torch.allclose(gv, gg[v], rtol=tol, atol=tol * float(gg[v].abs().max()))
 
 
 def test_rigid_landmarks_do_not_move_with_expression(fitted):
     """The expression basis carries no similarity motion of the rigid landmark set."""
     idx = list(fm.RIGID_LANDMARKS)
     pts = fitted.face_mean[idx].astype(np.float64)
-    g = fm._rigid_directions(torch.from_numpy(pts)).numpy()
+    g = fm._rigid_directions(torch.from_numpy(pts), torch.from_numpy(pts.mean(0))).numpy()
     b = fitted.face_basis[:, idx].reshape(len(fitted.face_basis), -1).astype(np.float64)
     theta, *_ = np.linalg.lstsq(g, b.T, rcond=None)
     assert np.abs(g @ theta).max() < 1e-4

@@ -1,0 +1,92 @@
+"""Training: checkpoints round-trip, resume is exact, PSNR rises, bad runs fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from avatar.cli import main
+from avatar.errors import AvatarError
+from avatar.train.checkpoint import RunPaths, load_checkpoint, model_state
+from avatar.train.trainer import load_model, train
+
+TINY = {
+    "resolution": 64,
+    "static_iterations": 2,
+    "smooth_audio_after": 4,
+    "checkpoint_every": 3,
+    "preview_every": 3,
+    "log_every": 1,
+    "model": {"init": {"n_face": 300, "n_head": 300, "n_mouth": 60}},
+    "strategy": {"refine_start_iter": 2, "refine_every": 2, "refine_stop_iter": 100, "max_gaussians": 2000},
+}
+
+
+def _tiny(iterations: int) -> dict:
+    return {**TINY, "iterations": iterations}
+
+
+def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
+    _, subject = small_subject
+    run = tmp_path / "run"
+    result = train(subject, run, overrides=_tiny(6), device="cpu", evaluate=False)
+    assert result.steps == 6
+    paths = RunPaths(run)
+    assert paths.config.is_file() and paths.latest_checkpoint() == 6
+    assert list(paths.previews.glob("*.png")) and list(paths.tensorboard.iterdir())
+    config, model, step = load_model(run)
+    assert step == 6
+    tensors, _ = load_checkpoint(paths)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, model_state(tensors)[name])
+    saved = json.loads(paths.config.read_text())
+    assert saved["model"]["face"]["encoding"]["half_extent"] != [1.0, 1.0, 1.0], "boxes fitted to the head"
+
+
+def test_interrupt_then_resume_is_exact(small_subject, tmp_path):
+    _, subject = small_subject
+    straight = train(subject, tmp_path / "a", overrides=_tiny(8), device="cpu", evaluate=False)
+
+    def interrupt_at_5(step, done, total):
+        if step == "train" and done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(subject, tmp_path / "b", overrides=_tiny(8), device="cpu", evaluate=False, progress=interrupt_at_5)
+    assert RunPaths(tmp_path / "b").latest_checkpoint() == 5, "Ctrl-C saves a checkpoint"
+    resumed = train(subject, tmp_path / "b", device="cpu", resume=True, evaluate=False)
+    assert straight.steps == resumed.steps == 8
+    _, a, _ = load_model(tmp_path / "a")
+    _, b, _ = load_model(tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
+    _, subject = small_subject
+    run = tmp_path / "run"
+    train(subject, run, overrides=_tiny(2), device="cpu", evaluate=False)
+    with pytest.raises(AvatarError, match="--resume"):
+        train(subject, run, overrides=_tiny(2), device="cpu", evaluate=False)
+    with pytest.raises(AvatarError, match="no option"):
+        train(subject, tmp_path / "other", overrides={"nonsense": 1}, device="cpu", evaluate=False)
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "-o", str(tmp_path / "r2")])
+    assert result.exit_code == 1 and "not a complete subject" in result.output
+
+
+@pytest.mark.slow
+def test_psnr_rises_on_the_sample(small_subject, tmp_path):
+    _, subject = small_subject
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--iters", "300"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_frames"] > 0 and metrics["resolution"] == 128
+    assert metrics["psnr"] > 24.0, metrics
+    assert np.isfinite(metrics["ssim"])
