@@ -82,7 +82,7 @@ def detect_faces(video: Path, fps: float, info: media.MediaInfo, config: DetectC
     n_est = int(info.duration_s * sample_fps) + 1 if info.duration_s else None
 
     per_frame = None
-    for model in (0, 1):  # short-range first; full-range for small or distant faces
+    for model in (1, 0):  # full-range first (any face size, several faces); short-range as fallback
         frames = media.iter_frames(video, fps=sample_fps, size=det_size)
         per_frame = _detect_all(frames, n_est, scale_x, model, config.min_confidence, progress)
         if any(per_frame):
@@ -139,9 +139,9 @@ def _follow_largest(per_frame: list[list[tuple[np.ndarray, float]]], sample_fps:
 class CropConfig:
     """Where the fixed square crop goes relative to the face box (the anchors' 512 framing)."""
 
-    face_scale: float = 2.6
+    face_scale: float = 2.4
     """Crop side as a multiple of the face box size (face box: brows to chin)."""
-    down_shift: float = 0.25
+    down_shift: float = 0.3
     """Shift of the crop centre below the face-box centre, in face-box sizes (shows neck, shoulders)."""
 
 

@@ -37,11 +37,11 @@ from avatar.subject import (
 log = logging.getLogger(__name__)
 
 STEP_VERSIONS = {
-    "detect": 1,
+    "detect": 2,
     "track": 1,
-    "face_model": 1,
+    "face_model": 2,
     "masks": 1,
-    "blendshapes": 1,
+    "blendshapes": 2,
     "audio": 1,
     "audio_features": 1,
     "finalize": 1,

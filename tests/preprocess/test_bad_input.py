@@ -101,13 +101,13 @@ def test_face_lost_for_most_of_the_video(tmp_path, astronaut):
 
 
 def _two_faces(image: np.ndarray):
-    big = moving_portrait(image, 256)
-    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+    big = moving_portrait(image, 320)
+    small = cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA)
 
     def frame(i: int) -> np.ndarray:
-        canvas = np.full((256, 448, 3), 60, np.uint8)
-        canvas[:, :256] = big(i)
-        canvas[64:192, 300:428] = small
+        canvas = np.full((320, 576, 3), 60, np.uint8)
+        canvas[:, :320] = big(i)
+        canvas[48:272, 336:560] = small
         return canvas
 
     return frame
@@ -124,7 +124,7 @@ def test_two_faces_short_audio_resume_and_replace(tmp_path, astronaut):
     manifest = read_manifest(out)
     assert manifest.n_frames == n
     # the crop is around the big face on the left, not the small one on the right
-    assert manifest.crop["x"] + manifest.crop["w"] / 2 < 256
+    assert manifest.crop["x"] + manifest.crop["w"] / 2 < 320
     samples, rate = media.read_wav(out / "audio.wav")
     assert len(samples) == pytest.approx(n / FPS * rate, abs=rate / FPS)
     assert np.abs(samples[int(4 * rate):]).max() == 0.0, "missing audio is padded with silence"
