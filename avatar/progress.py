@@ -3,7 +3,9 @@
 Long library functions accept ``progress: Progress | None``. They call it as
 ``progress(step, done, total)`` whenever work advances; ``total`` may be ``None`` when unknown.
 The command line supplies a callback that draws progress bars on a terminal and plain log lines
-elsewhere; Python users may pass their own or nothing.
+elsewhere; Python users may pass their own or nothing. A callback may also offer a
+``status(step, text)`` method: long loops (training) call it with a short status such as the
+current loss and PSNR, shown beside the bar.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ log = logging.getLogger(__name__)
 
 def null_progress(step: str, done: int, total: Optional[int]) -> None:
     """A progress callback that does nothing."""
+
+
+def report_status(progress: Optional[Progress], step: str, text: str) -> None:
+    """Pass a one-line status to ``progress`` if it shows statuses (see the module docstring)."""
+    show = getattr(progress, "status", None)
+    if callable(show):
+        show(step, text)
 
 
 def track(
@@ -47,6 +56,14 @@ class ConsoleProgress:
         self.log_every_s = log_every_s
         self._bars: dict[str, object] = {}
         self._last_log: dict[str, float] = {}
+        self._status: dict[str, str] = {}
+
+    def status(self, step: str, text: str) -> None:
+        """Show ``text`` beside the bar of ``step`` (and in its log lines)."""
+        self._status[step] = text
+        bar = self._bars.get(step)
+        if bar is not None:
+            bar.set_postfix_str(text, refresh=False)
 
     def __call__(self, step: str, done: int, total: Optional[int]) -> None:
         if self.interactive:
@@ -76,7 +93,8 @@ class ConsoleProgress:
             return
         self._last_log[step] = now
         of = f"/{total}" if total is not None else ""
-        print(f"[{step}] {done}{of}", file=self.stream, flush=True)
+        extra = f"  {self._status[step]}" if self._status.get(step) else ""
+        print(f"[{step}] {done}{of}{extra}", file=self.stream, flush=True)
         if finished:
             self._last_log.pop(step, None)
 

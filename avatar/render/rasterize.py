@@ -48,6 +48,9 @@ def rasterize(
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Render 3D Gaussians into a batch of pinhole cameras, differentiably.
 
+    Gradients reach means, quats, scales, opacities, colors (or SH coefficients), backgrounds
+    and, with the torch and cpu backends, viewmats and Ks too.
+
     Args:
         means: Gaussian centres in world space. [N, 3]
         quats: rotations as (w, x, y, z); need not be normalised. [N, 4]

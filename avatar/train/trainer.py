@@ -30,7 +30,7 @@ from avatar.errors import AvatarError, OutputExistsError
 from avatar.models._config import ModelConfig
 from avatar.models.gaussians import init_head
 from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
-from avatar.progress import Progress, null_progress
+from avatar.progress import Progress, null_progress, report_status
 from avatar.train.checkpoint import (
     RunPaths,
     load_checkpoint,
@@ -441,6 +441,9 @@ def train(
                 _write_preview(trainer, writer, step)
             if step % config.checkpoint_every == 0 or step == config.iterations:
                 trainer.save()
+            if step % 5 == 0:
+                report_status(progress, "train", f"loss {parts['loss']:.4f} psnr {psnr_avg:.2f} "
+                                                 f"n {len(trainer.model.face) + len(trainer.model.mouth)}")
             report("train", step, config.iterations)
     except KeyboardInterrupt:
         # Ctrl-C: keep what was learned, so that --resume continues from here.

@@ -1,6 +1,6 @@
 // CPU compositing kernel of the avatar Gaussian rasterizer (forward and backward).
 //
-// Plain C++17 with a C ABI, no torch headers: it compiles in about a second with any g++/clang++
+// Plain C++17 with a C ABI, no torch headers: it compiles in a second or two with any g++/clang++
 // and is loaded with ctypes (avatar/render/_cpu_kernel.py), so it needs neither ninja nor a
 // matching torch ABI. Projection, tile binning and sorting stay in PyTorch; this file only does
 // the per-pixel loop that PyTorch cannot express without materialising every (pixel, Gaussian)
