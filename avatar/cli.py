@@ -172,6 +172,113 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
         click.echo(f"Validation ({m['n_frames']} frames): " + ", ".join(parts))
 
 
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--audio", "speech", type=click.Path(path_type=Path), required=True,
+              help="Speech to say: any audio or video file ffmpeg reads.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .mp4.")
+@click.option("--pose", default="loop", show_default=True, help="loop, static, static:N or a pose .npz.")
+@click.option("--blink", default="auto", show_default=True, help="auto, none or a per-frame blink file.")
+@click.option("--size", type=int, default=None, help="Output resolution (default: the training one).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Frames deformed together.")
+def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, size: int | None,
+           device: str, batch: int) -> None:
+    """Render the avatar of RUN saying new speech into an mp4."""
+    from avatar.render.speech import RenderOptions, render_speech
+
+    progress = ConsoleProgress()
+    try:
+        summary = render_speech(run_dir, speech, output, RenderOptions(
+            pose=pose, blink=blink, size=size, device=device, batch=batch), progress)
+    finally:
+        progress.close()
+    click.echo(f"Wrote {summary.output}: {summary.n_frames} frames ({summary.duration_s:.1f} s) at "
+               f"{summary.resolution} px, rendered at {summary.render_fps:.1f} frames/s on {summary.device}.")
+
+
+@main.command(name="eval")
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--split", default="val", show_default=True, help="val, train or all.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Side-by-side GT | render mp4 (default: RUN/eval_SPLIT.mp4).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | None, device: str) -> None:
+    """Re-render a split of the subject and compare with the ground truth."""
+    import json
+
+    from avatar.eval.evaluate import evaluate_run
+
+    progress = ConsoleProgress()
+    video = video or Path(run_dir) / f"eval_{split}.mp4"
+    try:
+        metrics = evaluate_run(run_dir, split, json_path, video, device, progress)
+    finally:
+        progress.close()
+    click.echo(json.dumps(metrics, indent=2))
+    click.echo(f"Side-by-side video: {video}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .ply.")
+def export(run_dir: Path, output: Path) -> None:
+    """Write the canonical Gaussians of RUN as a standard 3D Gaussian splatting .ply."""
+    from avatar.export import export_run
+
+    path, count = export_run(run_dir, output)
+    click.echo(f"Wrote {count} Gaussians to {path}")
+
+
+@main.command()
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("avatar-demo"),
+              show_default=True, help="Directory for everything the demo makes.")
+@click.option("--iters", type=int, default=None, help="Training iterations (default: the fast preset's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def demo(out_dir: Path, iters: int | None, device: str) -> None:
+    """Sample -> preprocess -> train (fast) -> render new speech -> eval, on the built-in sample."""
+    from avatar.demo import DemoConfig, run_demo
+
+    progress = ConsoleProgress()
+    try:
+        result = run_demo(out_dir, DemoConfig(iterations=iters, device=device), progress)
+    finally:
+        progress.close()
+    for step, seconds in result.step_seconds.items():
+        click.echo(f"  {step:<10} {seconds:8.1f} s")
+    m = result.metrics
+    click.echo(f"The avatar saying new speech: {result.video}")
+    click.echo(f"Validation metrics ({m['n_frames']} held-out frames): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
+               + (f", LMD {m['lmd']:.2f} px" if m.get("lmd") is not None else "") + f" -> {result.metrics_json}")
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 also lets other machines connect).")
+@click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on.")
+@click.option("--audio", type=click.Path(path_type=Path), default=None,
+              help="Speech to start with (any audio or video file); the subject's own audio is offered too.")
+@click.option("--size", type=int, default=None, help="Side of the rendered frames in pixels [default: training resolution].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def view(run_dir: Path, host: str, port: int, audio: Path | None, size: int | None, device: str) -> None:
+    """Watch and hear a trained RUN talk in the browser, with a movable camera."""
+    from avatar.viewer import serve
+
+    progress = ConsoleProgress()
+
+    def ready(url: str) -> None:
+        progress.close()
+        click.echo(f"Viewer of {run_dir} at {url}  (Ctrl-C to stop)")
+
+    try:
+        serve(run_dir, host=host, port=port, audio=audio, size=size, device=device, ready=ready, progress=progress)
+    finally:
+        progress.close()
+    click.echo("Viewer stopped.")
+
+
 def entrypoint() -> None:  # pragma: no cover - console script shim
     main()
 

@@ -311,3 +311,43 @@ def write_video(path: Path | str, frames: Sequence[np.ndarray] | Iterator[np.nda
         for frame in frames:
             writer.write(frame)
     return Path(path)
+
+
+def decode_audio_to_wav(src: Path | str, dst: Path | str, rate: int = AUDIO_RATE) -> float:
+    """Decode the first audio stream of ``src`` to a 16-bit mono wav at ``rate``; return seconds.
+
+    Long speech is decoded to disk rather than into memory, so that an hour of audio costs
+    no more memory than a minute; :func:`read_wav_segment` then reads pieces of it.
+
+    Raises:
+        InputError: no audio stream, undecodable, or no samples at all.
+    """
+    src, dst = Path(src), Path(dst)
+    if not probe(src).has_audio:
+        raise InputError(f"{src} has no audio stream.")
+    proc = subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
+         "-vn", "-ac", "1", "-ar", str(rate), "-acodec", "pcm_s16le", "-f", "wav", str(dst)],
+        capture_output=True,
+    )
+    if proc.returncode != 0 or not dst.is_file():
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise InputError(f"{src}: audio could not be decoded ({msg[-1] if msg else 'ffmpeg failed'}).")
+    with wave.open(str(dst), "rb") as wf:
+        n = wf.getnframes()
+    if n == 0:
+        raise InputError(f"{src} has an audio stream of zero length.")
+    return n / rate
+
+
+def read_wav_segment(path: Path | str, start: int, count: int) -> np.ndarray:
+    """Samples ``[start, start + count)`` of a mono 16-bit wav as float32, zeros outside the file."""
+    out = np.zeros(count, np.float32)
+    with wave.open(str(path), "rb") as wf:
+        n = wf.getnframes()
+        lo, hi = max(start, 0), min(start + count, n)
+        if hi > lo:
+            wf.setpos(lo)
+            data = np.frombuffer(wf.readframes(hi - lo), dtype="<i2").astype(np.float32) / 32768.0
+            out[lo - start:lo - start + len(data)] = data
+    return out

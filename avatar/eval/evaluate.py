@@ -8,8 +8,11 @@ true inner-lip opening over the split.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -36,8 +39,11 @@ def render_split(model, data, indices: np.ndarray, progress: Optional[Progress] 
 
 
 def evaluate_model(model, data, split: str = "val", progress: Optional[Progress] = None,
-                   landmarks: bool = True) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` of ``data`` (an :class:`avatar.train.data.SubjectData`)."""
+                   landmarks: bool = True, video: Optional[Path] = None) -> dict[str, Any]:
+    """Metrics of ``model`` on ``split`` of ``data`` (an :class:`avatar.train.data.SubjectData`).
+
+    With ``video``, also writes GT | render side by side as an mp4 with the split's audio.
+    """
     indices = data.split(split)
     if len(indices) == 0:
         raise ValueError(f"the {split} split has no tracked frames")
@@ -46,24 +52,28 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
     preds, gts = [], []
     start = time.perf_counter()
     render_seconds = 0.0
-    t0 = time.perf_counter()
-    for _, pred_u8, frame in render_split(model, data, indices, progress):
-        render_seconds += time.perf_counter() - t0
-        pred = torch.from_numpy(pred_u8).float() / 255.0
-        gt = frame.image.cpu()
-        gt_u8 = (gt * 255).round().byte().numpy()
-        psnrs.append(psnr(pred, gt))
-        head = frame.head_mask[..., 0].cpu() > 0.5
-        if head.any():
-            head_psnrs.append(psnr(pred, gt, mask=head))
-        ssims.append(ssim(pred, gt))
-        lp = lpips_or_none(pred, gt)
-        if lp is not None:
-            lpipses.append(lp)
-        if landmarks:
-            preds.append(pred_u8)
-            gts.append(gt_u8)
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(_side_by_side_writer(video, data, indices)) if video is not None else None
         t0 = time.perf_counter()
+        for _, pred_u8, frame in render_split(model, data, indices, progress):
+            render_seconds += time.perf_counter() - t0
+            pred = torch.from_numpy(pred_u8).float() / 255.0
+            gt = frame.image.cpu()
+            gt_u8 = (gt * 255).round().byte().numpy()
+            psnrs.append(psnr(pred, gt))
+            head = frame.head_mask[..., 0].cpu() > 0.5
+            if head.any():
+                head_psnrs.append(psnr(pred, gt, mask=head))
+            ssims.append(ssim(pred, gt))
+            lp = lpips_or_none(pred, gt)
+            if lp is not None:
+                lpipses.append(lp)
+            if landmarks:
+                preds.append(pred_u8)
+                gts.append(gt_u8)
+            if writer is not None:
+                writer.write(np.concatenate([gt_u8, pred_u8], axis=1))
+            t0 = time.perf_counter()
     metrics: dict[str, Any] = {
         "split": split,
         "psnr": float(np.mean(psnrs)),
@@ -85,3 +95,68 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
         metrics["mouth_corr"] = mouth_correlation(inner_lip_opening(pred_lm), inner_lip_opening(gt_lm))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+
+
+class _SideBySide:
+    """A VideoWriter whose audio (the split's slice of the subject audio) lives in a temp dir."""
+
+    def __init__(self, path: Path, fps: float, audio: np.ndarray):
+        from avatar import media
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="avatar-eval-")
+        wav = media.write_wav(Path(self._tmp.name) / "split.wav", audio)
+        self._writer = media.VideoWriter(path, fps=fps, audio=wav)
+
+    def __enter__(self):
+        self._writer.__enter__()
+        return self
+
+    def write(self, frame: np.ndarray) -> None:
+        self._writer.write(frame)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._writer.__exit__(*exc)
+        finally:
+            self._tmp.cleanup()
+
+
+def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
+    from avatar import media
+
+    samples, rate = media.read_wav(data.subject.paths.audio)
+    fps = data.subject.manifest.fps
+    a, b = int(round(indices[0] / fps * rate)), int(round((indices[-1] + 1) / fps * rate))
+    return _SideBySide(Path(path), fps, samples[a:b])
+
+
+def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Path | str] = None,
+                 video_path: Optional[Path | str] = None, device: str = "auto",
+                 progress: Optional[Progress] = None) -> dict[str, Any]:
+    """Evaluate a run on a split of its subject; optionally write the JSON and a GT | render video.
+
+    Raises:
+        AvatarError: bad run directory, unknown split, output directory missing.
+    """
+    import json
+
+    from avatar.errors import InputError
+    from avatar.train.data import SubjectData
+    from avatar.train.trainer import load_model, resolve_device
+
+    for out in (json_path, video_path):
+        if out is not None and not Path(out).parent.is_dir():
+            raise InputError(f"The directory {Path(out).parent} does not exist; create it first.")
+    dev = resolve_device(device)
+    config, model, step = load_model(run_dir, str(dev))
+    data = SubjectData(config.subject, config.resolution, config.model.eye_features, dev, progress)
+    if split not in ("train", "val", "all"):
+        raise InputError(f"--split must be train, val or all, got {split!r}.")
+    metrics = evaluate_model(model, data, split, progress, video=Path(video_path) if video_path else None)
+    metrics["step"] = step
+    if json_path is not None:
+        path = Path(json_path)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(path)
+    return metrics

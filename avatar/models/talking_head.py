@@ -151,6 +151,42 @@ class TalkingHead(nn.Module):
         mouth_layer = LayerGaussians(m_means, mouth.quats, mouth.scales, mouth.opacities, self._colors(mouth))
         return face_layer, mouth_layer
 
+    def render_many(
+        self,
+        cond: FrameCondition,  # audio [B, C_a], eye [B, C_e]
+        viewmats: Tensor,  # [B, 4, 4]
+        K: Tensor,  # [3, 3]
+        width: int,
+        height: int,
+        backgrounds: Tensor,  # [B, H, W, 3]
+        backend: str = "auto",
+    ) -> Tensor:  # [B, H, W, 3]
+        """Render B frames: one batched deformation, then one rasterization per frame per layer.
+
+        The deformation networks evaluate the tri-plane encoding once for all B conditions; this
+        is what batching buys (most on a GPU). Returns composited RGB.
+        """
+        face, mouth = self.face, self.mouth
+        out = self.face_deform(face.means, cond.audio, cond.eye)
+        f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
+                                                     out.d_xyz, out.d_rot, out.d_scale)
+        m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
+        f_colors, m_colors = self._colors(face), self._colors(mouth)
+        sh = self.config.sh_degree if self.config.sh_degree > 0 else None
+        images = []
+        for b in range(viewmats.shape[0]):
+            premult = torch.zeros(height, width, 3, device=viewmats.device)
+            alpha = torch.zeros(height, width, 1, device=viewmats.device)
+            layers = ((m_means[b], mouth.quats, mouth.scales, mouth.opacities, m_colors),
+                      (f_means[b], f_quats[b], torch.exp(f_logs[b]), face.opacities, f_colors))
+            for means, quats, scales, opac, colors in layers:
+                rgb, a, _ = rasterize(means, quats, scales, opac, colors, viewmats[b:b + 1], K[None],
+                                      width, height, sh_degree=sh, backend=backend)
+                premult = rgb[0] + (1 - a[0]) * premult
+                alpha = a[0] + (1 - a[0]) * alpha
+            images.append(premult + (1 - alpha) * backgrounds[b])
+        return torch.stack(images)
+
     def render(
         self,
         cond: Optional[FrameCondition],

@@ -1,0 +1,305 @@
+"""The viewer's renderer: a trained run, its subject, the speeches it can say, one frame on request.
+
+A speech's audio codes (the audio encoder and temporal smoothing over every frame) are computed
+once when the speech is added, so a frame costs only the deformation networks and the
+rasterizer. Rendering is serialised with a lock: tabs share one model and one device, and
+interleaving two renders on a CPU would only make both slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import wave
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from avatar.audio_features import AudioFeatureConfig, compute_audio_features
+from avatar.errors import AvatarError, InputError
+from avatar.media import AUDIO_RATE, load_audio
+from avatar.models.talking_head import FrameCondition
+from avatar.progress import Progress
+from avatar.train.data import SubjectData, scaled_intrinsics
+from avatar.train.trainer import load_model
+from avatar.viewer.state import ViewState, orbit_viewmat, ping_pong, project_points
+
+log = logging.getLogger(__name__)
+
+SUBJECT_SPEECH = "subject"
+"""Id of the subject's own audio (always available)."""
+
+FILE_SPEECH = "file"
+"""Id of the speech given on the command line."""
+
+MAX_UPLOADS = 8
+"""Uploaded speeches kept; the oldest is dropped after that (bounds memory on a long session)."""
+
+MAX_SPEECH_S = 600.0
+"""Longest speech accepted, seconds (its features and codes are held in memory)."""
+
+JPEG_QUALITY = 90
+
+_CODE_CHUNK = 256
+"""Frames per audio-encoder call when a speech is added (bounds the gathered windows' memory)."""
+
+_FLAT_GREY = 0.18
+"""Background when the torso/background layer is off: dark enough for the head to stand out."""
+
+_POINT_COLORS = {"face": (60, 230, 90), "mouth": (255, 70, 200)}
+
+
+@dataclass
+class Speech:
+    """A speech the avatar can say: its audio for the page and its per-frame audio codes."""
+
+    id: str
+    name: str
+    n_frames: int
+    codes: Tensor
+    """[T, C] smoothed audio codes, on the model's device."""
+    wav: bytes
+    """16 kHz mono 16-bit wav for the page's audio element."""
+
+    def describe(self, fps: float) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "n_frames": self.n_frames,
+                "duration_s": round(self.n_frames / fps, 3)}
+
+
+@dataclass
+class Rendered:
+    """One rendered frame and what drove it."""
+
+    jpeg: bytes
+    info: dict[str, Any]
+
+
+def wav_bytes(samples: np.ndarray, rate: int = AUDIO_RATE) -> bytes:
+    """Mono float samples in [-1, 1] as an in-memory 16-bit PCM wav."""
+    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wf:
+        wf.setnchannels(1)
+        wf.setsampwidth(2)
+        wf.setframerate(rate)
+        wf.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
+def feature_config_of(manifest_features: dict[str, Any]) -> AudioFeatureConfig:
+    """The :class:`AudioFeatureConfig` a subject's features were computed with (from subject.json)."""
+    names = {f.name for f in dataclasses.fields(AudioFeatureConfig)}
+    return AudioFeatureConfig(**{k: v for k, v in manifest_features.items() if k in names})
+
+
+class ViewerEngine:
+    """A trained run ready to render frames of any speech from any camera around the head.
+
+    Args:
+        run_dir: a run written by ``avatar train``.
+        audio: a speech file (any format ffmpeg reads) offered besides the subject's own audio,
+            and the default one when given.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        size: side of the rendered frames in pixels; None: the training resolution.
+        progress: reports building the subject's frame cache and the speech features.
+
+    Raises:
+        AvatarError: not a run, a missing subject, an unreadable audio file, a bad size.
+    """
+
+    def __init__(self, run_dir: Path | str, audio: Optional[Path | str] = None, device: str = "auto",
+                 size: Optional[int] = None, progress: Optional[Progress] = None):
+        self.run_dir = Path(run_dir)
+        self.config, self.model, self.step = load_model(run_dir, device)
+        self.device = self.model.face.means.device
+        self.model.requires_grad_(False)
+        cfg = self.config
+        self.size = int(size or cfg.resolution)
+        if not 16 <= self.size <= 4096:
+            raise AvatarError(f"the viewer size must be between 16 and 4096 pixels, got {self.size}.")
+        self.data = SubjectData(cfg.subject, cfg.resolution, cfg.model.eye_features, self.device, progress)
+        manifest = self.data.subject.manifest
+        self.fps = float(manifest.fps)
+        self.feature_config = feature_config_of(manifest.audio_features)
+        self.K = torch.from_numpy(
+            scaled_intrinsics(self.data.K.double().cpu().numpy(), cfg.resolution, self.size)
+        ).float().to(self.device)
+        self.eye_names = [str(n) for n in cfg.model.eye_features]
+        self.blink_index = [i for i, n in enumerate(self.eye_names) if "blink" in n]
+        with torch.no_grad():
+            self.target = self.model.face.means.mean(dim=0)  # head centre: the orbit's pivot
+        self._render_lock = threading.Lock()
+        self._speech_lock = threading.Lock()
+        self._speeches: OrderedDict[str, Speech] = OrderedDict()
+        self._upload_ids = itertools.count(1)
+        self._progress = progress
+        subject_wav = self.data.subject.paths.audio
+        self._add(Speech(SUBJECT_SPEECH, f"own audio ({self.data.subject.paths.root.name})", self.data.n_frames,
+                         self._codes(self.data.audio_features), self._subject_wav(subject_wav)))
+        self.default_speech = SUBJECT_SPEECH
+        if audio is not None:
+            path = Path(audio)
+            self.add_speech(load_audio(path), path.name, speech_id=FILE_SPEECH)
+            self.default_speech = FILE_SPEECH
+
+    # -- speeches ------------------------------------------------------------------------------
+
+    def _subject_wav(self, path: Path) -> bytes:
+        if not path.is_file():
+            log.warning("%s is missing; the subject's speech plays silently.", path)
+            return wav_bytes(np.zeros(int(self.data.n_frames / self.fps * AUDIO_RATE), np.float32))
+        return path.read_bytes()
+
+    @torch.no_grad()
+    def _codes(self, features: Tensor) -> Tensor:  # [T, W, D] -> [T, C]
+        """Smoothed audio codes of every frame, as the trainer and evaluation compute them."""
+        n = features.shape[0]
+        with self._render_lock:
+            parts = [self.model.audio(features, torch.arange(s, min(s + _CODE_CHUNK, n), device=self.device),
+                                      smooth=True)[0] for s in range(0, n, _CODE_CHUNK)]
+        return torch.cat(parts)
+
+    def _add(self, speech: Speech) -> None:
+        with self._speech_lock:
+            self._speeches[speech.id] = speech
+            uploads = [k for k in self._speeches if k not in (SUBJECT_SPEECH, FILE_SPEECH)]
+            for old in uploads[:-MAX_UPLOADS]:
+                del self._speeches[old]
+
+    def add_speech(self, samples: np.ndarray, name: str, speech_id: Optional[str] = None) -> Speech:
+        """Make new speech sayable: features with the subject's feature config, then audio codes.
+
+        Args:
+            samples: 16 kHz mono float audio. [N]
+            name: shown in the page.
+            speech_id: None gives a fresh ``upload-N`` id.
+
+        Raises:
+            InputError: empty or too long audio.
+        """
+        samples = np.asarray(samples, dtype=np.float32)
+        seconds = samples.shape[0] / AUDIO_RATE
+        if samples.ndim != 1 or samples.shape[0] < AUDIO_RATE // 10:
+            raise InputError(f"{name} holds less than 0.1 s of audio.")
+        if seconds > MAX_SPEECH_S:
+            raise InputError(f"{name} is {seconds:.0f} s long; the viewer takes speech up to {MAX_SPEECH_S:.0f} s.")
+        n_frames = max(1, math.ceil(seconds * self.fps))
+        start = time.perf_counter()
+        features = compute_audio_features(samples, n_frames, self.fps, self.feature_config, self.device,
+                                          self._progress)
+        codes = self._codes(torch.from_numpy(features).to(self.device))
+        speech = Speech(speech_id or f"upload-{next(self._upload_ids)}", name, n_frames, codes, wav_bytes(samples))
+        self._add(speech)
+        log.info("Speech %s (%s): %.1f s, %d frames, codes in %.2f s", speech.id, name, seconds, n_frames,
+                 time.perf_counter() - start)
+        return speech
+
+    def add_speech_bytes(self, data: bytes, name: str) -> Speech:
+        """Decode an uploaded file (any format ffmpeg reads) and add it; see :meth:`add_speech`."""
+        suffix = Path(name).suffix[:12] if Path(name).suffix.isascii() else ""
+        fd, tmp = tempfile.mkstemp(prefix="avatar-upload-", suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                samples = load_audio(tmp)
+            except InputError:
+                raise InputError(f"{name} could not be decoded as audio; upload a wav, mp3, m4a or video file.") from None
+        finally:
+            os.unlink(tmp)
+        return self.add_speech(samples, name)
+
+    def speech(self, speech_id: str) -> Speech:
+        """The speech with this id; the default one for an empty or dropped id."""
+        with self._speech_lock:
+            return self._speeches.get(speech_id) or self._speeches[self.default_speech]
+
+    def speeches(self) -> list[dict[str, Any]]:
+        with self._speech_lock:
+            return [s.describe(self.fps) for s in self._speeches.values()]
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """What the page needs to set itself up."""
+        return {
+            "run": self.run_dir.name, "step": self.step, "size": self.size, "fps": self.fps,
+            "device": str(self.device), "n_subject_frames": self.data.n_frames,
+            "n_gaussians": {"face": len(self.model.face), "mouth": len(self.model.mouth)},
+            "eye_features": self.eye_names, "blink": bool(self.blink_index),
+            "focal_px": float(self.K[0, 0]), "default_speech": self.default_speech,
+            "speeches": self.speeches(),
+        }
+
+    def _background(self, frame_bg: Tensor, show: bool) -> Tensor:  # -> [S, S, 3]
+        if not show:
+            return torch.full((self.size, self.size, 3), _FLAT_GREY, device=self.device)
+        if frame_bg.shape[0] == self.size:
+            return frame_bg
+        chw = frame_bg.permute(2, 0, 1)[None]
+        resized = torch.nn.functional.interpolate(chw, size=(self.size, self.size), mode="bilinear",
+                                                  align_corners=False, antialias=True)
+        return resized[0].permute(1, 2, 0)
+
+    @torch.no_grad()
+    def render(self, state: ViewState) -> Rendered:
+        """Render the frame ``state`` asks for, as a JPEG, with the conditions that drove it."""
+        speech = self.speech(state.speech)
+        n_subject = self.data.n_frames
+        index = min(max(int(math.floor(state.t * self.fps + 1e-6)), 0), speech.n_frames - 1)
+        # The subject's own speech replays its own frames; other speech loops the subject's
+        # blinks and head motion back and forth, as video of the person would.
+        source = index if speech.id == SUBJECT_SPEECH else ping_pong(index, n_subject)
+        pose = source if state.follow else min(state.frame, n_subject - 1)
+        layers = tuple(name for name in ("face", "mouth") if getattr(state, name))
+        with self._render_lock:
+            start = time.perf_counter()
+            frame = self.data.frame(pose)
+            eye = self.data.eye[source].clone()
+            if state.blink is not None and self.blink_index:
+                eye[self.blink_index] = state.blink
+            cond = FrameCondition(speech.codes[index], eye)
+            viewmat = orbit_viewmat(frame.viewmat, self.target, state.yaw, state.pitch, state.zoom,
+                                    state.pan_x, state.pan_y)
+            background = self._background(frame.background, state.background)
+            out = self.model.render(cond, viewmat, self.K, self.size, self.size, background, layers=layers)
+            image = (out["rgb"].clamp(0, 1) * 255).round().byte().cpu().numpy()
+            if state.points:
+                image = self._draw_centres(image, cond, viewmat, layers)
+            render_ms = (time.perf_counter() - start) * 1000.0
+        import cv2
+
+        ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(image[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        assert ok, "cv2.imencode failed on a uint8 image"
+        info = {
+            "speech": speech.id, "frame": index, "n_frames": speech.n_frames, "t": index / self.fps,
+            "pose_frame": pose, "eye_frame": source, "render_ms": round(render_ms, 2),
+            "size": self.size, "layers": list(layers),
+            "eye": {n: round(float(v), 3) for n, v in zip(self.eye_names, eye.tolist())},
+            "audio_code": [round(float(v), 3) for v in cond.audio.tolist()],
+        }
+        return Rendered(jpeg.tobytes(), info)
+
+    def _draw_centres(self, image: np.ndarray, cond: FrameCondition, viewmat: Tensor,
+                      layers: tuple[str, ...]) -> np.ndarray:
+        """Mark the deformed Gaussian centres of the shown layers (one pixel each)."""
+        face, mouth = self.model.deform(cond)
+        image = image.copy()
+        for name, layer in (("face", face), ("mouth", mouth)):
+            if name not in layers:
+                continue
+            px = project_points(layer.means, viewmat, self.K, self.size, self.size).cpu().numpy()
+            image[px[:, 1], px[:, 0]] = _POINT_COLORS[name]
+        return image

@@ -1,0 +1,354 @@
+"""The viewer's web server: one static page and a small JSON/JPEG API, on the standard library.
+
+API (all under ``/api``; ``session`` is any id the page picks, one per tab):
+
+- ``GET /api/info``: run, size, fps, eye-condition names, speeches.
+- ``GET /api/frame?session=S[&setting=value...]``: apply the settings (see
+  :class:`avatar.viewer.state.ViewState`) to the tab's state and return its frame as
+  ``image/jpeg``; the ``X-Frame-Info`` header holds the frame's JSON info (render time, frame
+  index, eye conditions, audio code).
+- ``GET /api/state?session=S`` / ``POST /api/state?session=S`` (JSON object of settings).
+- ``GET /api/speech?id=ID``: the speech's audio as a wav, for the page's audio element.
+- ``POST /api/speech?name=NAME`` (body: an audio or video file): add an uploaded speech.
+
+The page plays the speech in an audio element and asks for the frame at the element's current
+time, one request at a time: when rendering is slower than the frame rate, frames are skipped and
+the lips never fall behind the sound.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import socket
+import socketserver
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qsl, urlsplit
+
+from avatar.errors import AvatarError
+from avatar.progress import Progress
+from avatar.viewer.engine import ViewerEngine
+from avatar.viewer.state import ViewState
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+MAX_SESSIONS = 64
+"""Tabs whose state is kept; the least recently seen is forgotten first (it restarts from defaults)."""
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class _Sessions:
+    """Per-tab view states keyed by the page's session id, bounded and thread-safe."""
+
+    def __init__(self, default: ViewState, limit: int = MAX_SESSIONS):
+        self._default = default
+        self._limit = limit
+        self._states: OrderedDict[str, ViewState] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _touch(self, session: str) -> ViewState:
+        """The session's state, marked most recently seen (callers hold the lock)."""
+        state = self._states.get(session, self._default)
+        self._states[session] = state
+        self._states.move_to_end(session)
+        while len(self._states) > self._limit:
+            self._states.popitem(last=False)
+        return state
+
+    def get(self, session: str) -> ViewState:
+        with self._lock:
+            return self._touch(session)
+
+    def update(self, session: str, values: dict[str, Any]) -> ViewState:
+        """Apply settings atomically (a ValueError leaves the state unchanged)."""
+        with self._lock:
+            state = self._touch(session)
+            if values:
+                state = state.update(values)
+                self._states[session] = state
+            return state
+
+
+class _ViewerHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server holding the engine, the sessions and the page."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily):
+        self.address_family = family
+        self.engine: Optional[ViewerEngine] = None
+        self.sessions: Optional[_Sessions] = None
+        self.page = resources.files("avatar.viewer").joinpath("static", "index.html").read_bytes()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks the host name up (socket.getfqdn), which can stall for
+        # seconds on machines without reverse DNS; the name is never used here.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def attach(self, engine: ViewerEngine) -> None:
+        self.engine = engine
+        self.sessions = _Sessions(ViewState(speech=engine.default_speech))
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes requests to the engine; errors become a JSON ``{"error": ...}`` with a 4xx/5xx."""
+
+    server: _ViewerHTTPServer
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # idle keep-alive connections end instead of holding a thread forever
+    server_version = "avatar-viewer"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        routes: dict[tuple[str, str], Callable[[dict[str, str]], None]] = {
+            ("GET", "/"): self._page, ("GET", "/index.html"): self._page,
+            ("GET", "/api/info"): self._info, ("GET", "/api/frame"): self._frame,
+            ("GET", "/api/state"): self._get_state, ("POST", "/api/state"): self._post_state,
+            ("GET", "/api/speech"): self._get_speech, ("POST", "/api/speech"): self._post_speech,
+            ("GET", "/api/speeches"): self._speeches,
+        }
+        route = routes.get((method, url.path))
+        try:
+            if route is None:
+                raise _HTTPError(HTTPStatus.NOT_FOUND, f"no {method} {url.path}")
+            route(query)
+        except _HTTPError as err:
+            self._json({"error": str(err)}, err.status)
+        except (ValueError, AvatarError) as err:
+            self._json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("client %s went away", self.address_string())
+        except Exception as err:  # a bug: keep serving the other tabs, say what happened
+            log.exception("error handling %s %s", method, self.path)
+            self._json({"error": f"internal error: {err}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK,
+              headers: Optional[dict[str, str]] = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        try:
+            self._send(json.dumps(data).encode(), "application/json", status)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+        if int(length) > limit:
+            raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is larger than {limit >> 20} MB")
+        return self.rfile.read(int(length))
+
+    def _session(self, query: dict[str, str]) -> str:
+        session = query.pop("session", "")
+        if not _SESSION_ID.match(session):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "pass session=ID (letters, digits, '_', '-', '.'; up to 64)")
+        return session
+
+    @property
+    def _engine(self) -> ViewerEngine:
+        assert self.server.engine is not None, "requests are served only after the engine is attached"
+        return self.server.engine
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def _page(self, query: dict[str, str]) -> None:
+        self._send(self.server.page, "text/html; charset=utf-8")
+
+    def _info(self, query: dict[str, str]) -> None:
+        self._json(self._engine.info())
+
+    def _speeches(self, query: dict[str, str]) -> None:
+        self._json(self._engine.speeches())
+
+    def _frame(self, query: dict[str, str]) -> None:
+        session = self._session(query)
+        assert self.server.sessions is not None
+        state = self.server.sessions.update(session, query)
+        rendered = self._engine.render(state)
+        self._send(rendered.jpeg, "image/jpeg", headers={
+            "X-Frame-Info": json.dumps(rendered.info, separators=(",", ":")),
+            "X-Render-Ms": f"{rendered.info['render_ms']:.2f}",
+        })
+
+    def _get_state(self, query: dict[str, str]) -> None:
+        session = self._session(query)
+        assert self.server.sessions is not None
+        self._json(self.server.sessions.get(session).to_dict())
+
+    def _post_state(self, query: dict[str, str]) -> None:
+        session = self._session(query)
+        try:
+            values = json.loads(self._body(1 << 16) or b"{}")
+        except json.JSONDecodeError as err:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"the body is not JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "send a JSON object of settings")
+        assert self.server.sessions is not None
+        self._json(self.server.sessions.update(session, values).to_dict())
+
+    def _get_speech(self, query: dict[str, str]) -> None:
+        speech = self._engine.speech(query.get("id", ""))
+        self._send(speech.wav, "audio/wav", headers={"X-Speech-Id": speech.id})
+
+    def _post_speech(self, query: dict[str, str]) -> None:
+        name = Path(query.get("name") or "upload").name[:120] or "upload"
+        data = self._body(MAX_UPLOAD_BYTES)
+        if not data:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the upload is empty")
+        speech = self._engine.add_speech_bytes(data, name)
+        self._json(speech.describe(self._engine.fps), HTTPStatus.CREATED)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _bind(host: str, port: int) -> _ViewerHTTPServer:
+    """Listen on host:port, or say in one sentence why not (port taken, not allowed, bad host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return _ViewerHTTPServer((host, port), family)
+    except socket.gaierror:
+        raise AvatarError(f"cannot listen on host {host!r}: it is not an address of this machine; "
+                          f"use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces).") from None
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise AvatarError(f"port {port} on {host} is already in use (another viewer?); stop that "
+                              f"program or choose another port with --port.") from None
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise AvatarError(f"not allowed to listen on port {port}; choose a port above 1023 with --port.") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise AvatarError(f"cannot listen on host {host!r}: it is not an address of this machine; "
+                              f"use --host 127.0.0.1 or 0.0.0.0.") from None
+        raise
+
+
+def _url(httpd: _ViewerHTTPServer) -> str:
+    host, port = httpd.server_address[:2]
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in str(host):
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 7860, audio: Optional[Path | str] = None,
+          device: str = "auto", size: Optional[int] = None, ready: Optional[Callable[[str], None]] = None,
+          progress: Optional[Progress] = None) -> None:
+    """Serve the viewer of a run until Ctrl-C, then close the port and return.
+
+    The port is taken before the model loads, so a busy port fails at once.
+
+    Args:
+        run_dir: a run written by ``avatar train``.
+        host, port: where to listen (127.0.0.1: this machine only).
+        audio: a speech file to offer (and start with) besides the subject's own audio.
+        device: ``auto``, ``cpu`` or ``cuda``; the avatar renders there.
+        size: side of the rendered frames, pixels; None: the training resolution.
+        ready: called with the page's URL once the viewer answers.
+        progress: reports loading (frame cache, speech features).
+
+    Raises:
+        AvatarError: the port is taken or not allowed, the run or audio is unusable.
+    """
+    httpd = _bind(host, port)
+    try:
+        httpd.attach(ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
+        url = _url(httpd)
+        log.info("Viewer of %s at %s", run_dir, url)
+        if ready is not None:
+            ready(url)
+        httpd.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        log.info("Viewer stopped.")
+    finally:
+        httpd.server_close()
+
+
+@dataclass
+class RunningViewer:
+    """A viewer serving from a background thread (see :func:`start`); ``stop()`` closes it."""
+
+    url: str
+    engine: ViewerEngine
+    _httpd: _ViewerHTTPServer
+    _thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def stop(self) -> None:
+        """Stop answering, close the port and wait for the server thread."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> "RunningViewer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, audio: Optional[Path | str] = None,
+          device: str = "auto", size: Optional[int] = None, progress: Optional[Progress] = None,
+          engine: Optional[ViewerEngine] = None) -> RunningViewer:
+    """Start the viewer in a background thread and return once it answers.
+
+    ``port=0`` picks a free port (read it from the result's ``url`` or ``port``). ``engine``
+    reuses an already loaded run (then ``run_dir``, ``audio``, ``device`` and ``size`` are unused).
+
+    Raises:
+        AvatarError: as :func:`serve`.
+    """
+    httpd = _bind(host, port)
+    try:
+        httpd.attach(engine or ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
+    except BaseException:
+        httpd.server_close()
+        raise
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"avatar-viewer-{httpd.server_address[1]}", daemon=True)
+    thread.start()
+    return RunningViewer(_url(httpd), httpd.engine, httpd, thread)
