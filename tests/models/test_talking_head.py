@@ -1,0 +1,66 @@
+"""The assembled head: identity at initialisation, and the face layer hiding the mouth interior."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from avatar.models.gaussians import HeadInit
+from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
+
+
+def _wall(z: float, n: int = 400, half: float = 0.05) -> np.ndarray:
+    g = np.linspace(-half, half, int(np.sqrt(n)))
+    xx, yy = np.meshgrid(g, g)
+    return np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, z)], axis=1)
+
+
+def _head(face_opacity: float) -> TalkingHead:
+    face = _wall(0.0)
+    mouth = _wall(0.02, n=100, half=0.02)
+    init = HeadInit(face, np.tile([0.9, 0.1, 0.1], (len(face), 1)), mouth, np.tile([0.1, 0.1, 0.9], (len(mouth), 1)))
+    torch.manual_seed(0)
+    model = TalkingHead.from_init(TalkingHeadConfig(), init)
+    with torch.no_grad():
+        model.face.opacity_logits.fill_(float(np.log(face_opacity / (1 - face_opacity))))
+        model.mouth.opacity_logits.fill_(4.0)
+    return model
+
+
+def _camera() -> tuple[torch.Tensor, torch.Tensor]:
+    viewmat = torch.eye(4)
+    viewmat[2, 3] = 0.3  # the walls sit 0.3 in front of the camera
+    K = torch.tensor([[200.0, 0, 32], [0, 200.0, 32], [0, 0, 1]])
+    return viewmat, K
+
+
+def test_zero_condition_is_identity_at_init():
+    model = _head(0.9)
+    cond = FrameCondition(torch.zeros(model.config.audio.code_dim), torch.zeros(len(model.config.eye_features)))
+    deformed, mouth = model.deform(cond)
+    canonical, canonical_mouth = model.deform(None)
+    torch.testing.assert_close(deformed.means, canonical.means)
+    torch.testing.assert_close(deformed.quats / deformed.quats.norm(dim=-1, keepdim=True),
+                               canonical.quats / canonical.quats.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(deformed.scales, canonical.scales)
+    torch.testing.assert_close(mouth.means, canonical_mouth.means)
+
+
+def test_closed_lips_hide_the_mouth_and_open_lips_show_it():
+    viewmat, K = _camera()
+    closed = _head(0.99).render(None, viewmat, K, 64, 64)
+    centre = closed["rgb"][32, 32]
+    assert closed["mouth_alpha"][32, 32] > 0.5, "the mouth layer is there..."
+    assert centre[0] > 0.8 and centre[2] < 0.2, "...but the opaque face layer covers it"
+    opened = _head(0.02).render(None, viewmat, K, 64, 64)
+    centre = opened["rgb"][32, 32]
+    assert centre[2] > 0.6 and centre[0] < 0.4, "with the face layer transparent the mouth shows"
+
+
+def test_background_shows_where_the_head_is_not():
+    viewmat, K = _camera()
+    viewmat[2, 3] = 1.0  # farther away: the walls cover the middle 20 pixels only
+    background = torch.full((64, 64, 3), 0.5)
+    out = _head(0.99).render(None, viewmat, K, 64, 64, background)
+    torch.testing.assert_close(out["rgb"][0, 0], torch.full((3,), 0.5), atol=1e-3, rtol=0)
+    assert out["head_alpha"][32, 32] > 0.95
