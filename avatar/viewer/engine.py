@@ -2,7 +2,9 @@
 
 A speech's audio codes (the audio encoder and temporal smoothing over every frame) are computed
 once when the speech is added, so a frame costs only the deformation networks and the
-rasterizer. Rendering is serialised with a lock: tabs share one model and one device, and
+rasterizer. New speech borrows what it cannot say from the subject exactly as ``avatar render``
+does (:mod:`avatar.render.speech`): head pose and torso walk the training frames back and forth,
+and blinks follow the subject's own blink timing, so the viewer previews what a render gives. Rendering is serialised with a lock: tabs share one model and one device, and
 interleaving two renders on a CPU would only make both slower.
 """
 
@@ -32,9 +34,10 @@ from avatar.errors import AvatarError, InputError
 from avatar.media import AUDIO_RATE, load_audio
 from avatar.models.talking_head import FrameCondition
 from avatar.progress import Progress
+from avatar.render.speech import BLINK_NAMES, auto_blinks, loop_indices
 from avatar.train.data import SubjectData, scaled_intrinsics
 from avatar.train.trainer import load_model
-from avatar.viewer.state import ViewState, orbit_viewmat, ping_pong, project_points
+from avatar.viewer.state import ViewState, orbit_viewmat, project_points
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +66,17 @@ _POINT_COLORS = {"face": (60, 230, 90), "mouth": (255, 70, 200)}
 
 @dataclass
 class Speech:
-    """A speech the avatar can say: its audio for the page and its per-frame audio codes."""
+    """A speech the avatar can say: its audio for the page and its per-frame conditions."""
 
     id: str
     name: str
     n_frames: int
     codes: Tensor
     """[T, C] smoothed audio codes, on the model's device."""
+    pose: np.ndarray
+    """[T] subject frame whose camera and torso go with each frame (when the view follows it)."""
+    eye: Tensor
+    """[T, E] eye conditions (blinks, brows), on the model's device."""
     wav: bytes
     """16 kHz mono 16-bit wav for the page's audio element."""
 
@@ -137,7 +144,7 @@ class ViewerEngine:
             scaled_intrinsics(self.data.K.double().cpu().numpy(), cfg.resolution, self.size)
         ).float().to(self.device)
         self.eye_names = [str(n) for n in cfg.model.eye_features]
-        self.blink_index = [i for i, n in enumerate(self.eye_names) if "blink" in n]
+        self.blink_index = [self.eye_names.index(n) for n in BLINK_NAMES if n in self.eye_names]
         with torch.no_grad():
             self.target = self.model.face.means.mean(dim=0)  # head centre: the orbit's pivot
         self._render_lock = threading.Lock()
@@ -147,12 +154,14 @@ class ViewerEngine:
         self._progress = progress
         subject_wav = self.data.subject.paths.audio
         self._add(Speech(SUBJECT_SPEECH, f"own audio ({self.data.subject.paths.root.name})", self.data.n_frames,
-                         self._codes(self.data.audio_features), self._subject_wav(subject_wav)))
+                         self._codes(self.data.audio_features), np.arange(self.data.n_frames), self.data.eye,
+                         self._subject_wav(subject_wav)))
         self.default_speech = SUBJECT_SPEECH
         if audio is not None:
             path = Path(audio)
             self.add_speech(load_audio(path), path.name, speech_id=FILE_SPEECH)
             self.default_speech = FILE_SPEECH
+        self._progress = None  # loading is reported; uploads later must not draw over the terminal
 
     # -- speeches ------------------------------------------------------------------------------
 
@@ -195,16 +204,28 @@ class ViewerEngine:
             raise InputError(f"{name} holds less than 0.1 s of audio.")
         if seconds > MAX_SPEECH_S:
             raise InputError(f"{name} is {seconds:.0f} s long; the viewer takes speech up to {MAX_SPEECH_S:.0f} s.")
-        n_frames = max(1, math.ceil(seconds * self.fps))
+        n_frames = max(1, int(round(seconds * self.fps)))  # as avatar render counts them
         start = time.perf_counter()
         features = compute_audio_features(samples, n_frames, self.fps, self.feature_config, self.device,
                                           self._progress)
         codes = self._codes(torch.from_numpy(features).to(self.device))
-        speech = Speech(speech_id or f"upload-{next(self._upload_ids)}", name, n_frames, codes, wav_bytes(samples))
+        pose, eye = self._borrowed_tracks(n_frames)
+        speech = Speech(speech_id or f"upload-{next(self._upload_ids)}", name, n_frames, codes, pose, eye,
+                        wav_bytes(samples))
         self._add(speech)
         log.info("Speech %s (%s): %.1f s, %d frames, codes in %.2f s", speech.id, name, seconds, n_frames,
                  time.perf_counter() - start)
         return speech
+
+    def _borrowed_tracks(self, n_frames: int) -> tuple[np.ndarray, Tensor]:
+        """Pose frames [T] and eye conditions [T, E] for new speech, as ``avatar render`` makes them."""
+        pose = loop_indices(self.data.split("train"), n_frames)
+        eye = self.data.eye[torch.from_numpy(pose).to(self.device)].clone()
+        if len(self.blink_index) == len(BLINK_NAMES):
+            subject_blinks = self.data.eye[:, self.blink_index].cpu().numpy()
+            blinks = auto_blinks(subject_blinks, n_frames, self.fps)
+            eye[:, self.blink_index] = torch.from_numpy(blinks).to(eye)
+        return pose, eye
 
     def add_speech_bytes(self, data: bytes, name: str) -> Speech:
         """Decode an uploaded file (any format ffmpeg reads) and add it; see :meth:`add_speech`."""
@@ -243,15 +264,33 @@ class ViewerEngine:
             "speeches": self.speeches(),
         }
 
-    def _background(self, frame_bg: Tensor, show: bool) -> Tensor:  # -> [S, S, 3]
-        if not show:
+    def _background(self, frame_bg: Tensor, state: ViewState, viewmat: Tensor) -> Tensor:  # -> [S, S, 3]
+        """The torso and background plate at the view size, zoomed and panned with the head.
+
+        The plate is an image, not 3D: zoom and pan move it as they move points at the head's
+        depth (a scaling about the head's pixel and a shift), so the head stays on its
+        shoulders; an orbit leaves it where it is (the head turns on the neck).
+        """
+        if not state.background:
             return torch.full((self.size, self.size, 3), _FLAT_GREY, device=self.device)
-        if frame_bg.shape[0] == self.size:
-            return frame_bg
-        chw = frame_bg.permute(2, 0, 1)[None]
-        resized = torch.nn.functional.interpolate(chw, size=(self.size, self.size), mode="bilinear",
-                                                  align_corners=False, antialias=True)
-        return resized[0].permute(1, 2, 0)
+        chw = frame_bg.permute(2, 0, 1)[None]  # [1, 3, H, W]
+        if state.zoom == 1.0 and state.pan_x == 0.0 and state.pan_y == 0.0:
+            if frame_bg.shape[0] == self.size:
+                return frame_bg
+            resized = torch.nn.functional.interpolate(chw, size=(self.size, self.size), mode="bilinear",
+                                                      align_corners=False, antialias=True)
+            return resized[0].permute(1, 2, 0)
+        centre = viewmat[:3, :3] @ self.target + viewmat[:3, 3]
+        head_px = (self.K @ (centre / centre[2]))[:2]  # [2] pixel of the head's centre
+        shift = torch.stack([state.pan_x * self.K[0, 0], state.pan_y * self.K[1, 1]])
+        pixels = torch.arange(self.size, device=self.device, dtype=torch.float32) + 0.5
+        grid = torch.stack(torch.meshgrid(pixels, pixels, indexing="xy"), dim=-1)  # [S, S, 2] (x, y)
+        source = head_px + (grid - head_px - shift) / state.zoom  # view pixel -> plate pixel (view scale)
+        normalised = source / self.size * 2.0 - 1.0
+        with_cover = torch.cat([chw, torch.ones_like(chw[:, :1])], dim=1)  # 4th channel: inside the plate
+        warped = torch.nn.functional.grid_sample(with_cover, normalised[None], mode="bilinear", padding_mode="zeros",
+                                                 align_corners=False)[0].permute(1, 2, 0)
+        return warped[..., :3] + (1.0 - warped[..., 3:]) * _FLAT_GREY  # outside the plate: flat grey
 
     @torch.no_grad()
     def render(self, state: ViewState) -> Rendered:
@@ -259,21 +298,18 @@ class ViewerEngine:
         speech = self.speech(state.speech)
         n_subject = self.data.n_frames
         index = min(max(int(math.floor(state.t * self.fps + 1e-6)), 0), speech.n_frames - 1)
-        # The subject's own speech replays its own frames; other speech loops the subject's
-        # blinks and head motion back and forth, as video of the person would.
-        source = index if speech.id == SUBJECT_SPEECH else ping_pong(index, n_subject)
-        pose = source if state.follow else min(state.frame, n_subject - 1)
+        pose = int(speech.pose[index]) if state.follow else min(state.frame, n_subject - 1)
         layers = tuple(name for name in ("face", "mouth") if getattr(state, name))
         with self._render_lock:
             start = time.perf_counter()
             frame = self.data.frame(pose)
-            eye = self.data.eye[source].clone()
+            eye = speech.eye[index].clone()
             if state.blink is not None and self.blink_index:
                 eye[self.blink_index] = state.blink
             cond = FrameCondition(speech.codes[index], eye)
             viewmat = orbit_viewmat(frame.viewmat, self.target, state.yaw, state.pitch, state.zoom,
                                     state.pan_x, state.pan_y)
-            background = self._background(frame.background, state.background)
+            background = self._background(frame.background, state, frame.viewmat)
             out = self.model.render(cond, viewmat, self.K, self.size, self.size, background, layers=layers)
             image = (out["rgb"].clamp(0, 1) * 255).round().byte().cpu().numpy()
             if state.points:
@@ -285,7 +321,7 @@ class ViewerEngine:
         assert ok, "cv2.imencode failed on a uint8 image"
         info = {
             "speech": speech.id, "frame": index, "n_frames": speech.n_frames, "t": index / self.fps,
-            "pose_frame": pose, "eye_frame": source, "render_ms": round(render_ms, 2),
+            "pose_frame": pose, "render_ms": round(render_ms, 2),
             "size": self.size, "layers": list(layers),
             "eye": {n: round(float(v), 3) for n, v in zip(self.eye_names, eye.tolist())},
             "audio_code": [round(float(v), 3) for v in cond.audio.tolist()],

@@ -117,6 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 120  # idle keep-alive connections end instead of holding a thread forever
     server_version = "avatar-viewer"
+    disable_nagle_algorithm = True  # headers and body are two writes: without this, +40 ms per frame
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)

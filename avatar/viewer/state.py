@@ -188,11 +188,3 @@ def project_points(
     inside = (px[:, 0] >= 0) & (px[:, 0] < width) & (px[:, 1] >= 0) & (px[:, 1] < height)
     return px[inside]
 
-
-def ping_pong(index: int, length: int) -> int:
-    """``index`` folded back and forth over ``0..length-1`` (a looped track without a jump)."""
-    if length <= 1:
-        return 0
-    period = 2 * (length - 1)
-    i = index % period
-    return i if i < length else period - i

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from avatar.viewer.state import ViewState, orbit_viewmat, ping_pong, project_points
+from avatar.viewer.state import ViewState, orbit_viewmat, project_points
 
 
 def test_update_parses_query_strings_and_clamps():
@@ -91,8 +89,3 @@ def test_project_points_keeps_visible_ones():
     px = project_points(points, viewmat, K, 16, 16)
     assert px.tolist() == [[8, 8], [11, 8]]
 
-
-def test_ping_pong():
-    assert [ping_pong(i, 4) for i in range(9)] == [0, 1, 2, 3, 2, 1, 0, 1, 2]
-    assert ping_pong(7, 1) == 0
-    assert math.isclose(ping_pong(10**6, 5), ping_pong(10**6 % 8, 5))

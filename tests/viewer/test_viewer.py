@@ -115,6 +115,8 @@ def test_uploaded_speech_drives_frames(viewer, tmp_path):
 
     image, meta = _frame(viewer, "tab-c", speech=speech["id"], t=1.2)
     assert image.shape == (64, 64, 3) and meta["speech"] == speech["id"] and meta["frame"] == 30
+    train_end = viewer.engine.data.split("train")[-1]
+    assert 0 <= meta["pose_frame"] <= train_end, "new speech borrows training frames' pose, as avatar render"
     _, end = _frame(viewer, "tab-c", t=100)
     assert end["frame"] == 37, "times past the end show the last frame"
     _, subject_frame = _frame(viewer, "tab-c", speech="subject", t=1.2)
@@ -173,5 +175,19 @@ def test_view_command_serves_until_ctrl_c(viewer_run):
     assert fetched.get("status") == 200
     assert result.exit_code == 0, result.output
     assert f"http://127.0.0.1:{port}/" in result.output and "Viewer stopped." in result.output
-    with socket.socket() as again:
-        again.bind(("127.0.0.1", port))  # the port was released
+    with socket.socket() as again:  # the listening socket is closed: a new viewer can take the port
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does (TIME_WAIT)
+        again.bind(("127.0.0.1", port))
+        again.listen()
+
+
+def test_other_size_and_missing_run(viewer_run, tmp_path):
+    from avatar.viewer.engine import ViewerEngine
+    from avatar.viewer.state import ViewState
+
+    engine = ViewerEngine(viewer_run, device="cpu", size=96)
+    for state in (ViewState(t=0.5), ViewState(t=0.5, zoom=0.5, pan_x=0.1, points=True)):
+        rendered = engine.render(state)
+        assert _image(rendered.jpeg).shape == (96, 96, 3) and rendered.info["size"] == 96
+    with pytest.raises(AvatarError, match="not a run directory"):
+        start(tmp_path / "nothing", port=0, device="cpu")
