@@ -67,3 +67,31 @@ def small_subject(tmp_path_factory):
     paths = make_sample(root / "sample", SampleConfig(seed=0, duration_s=6.0, size=256))
     preprocess(paths.video, root / "subject", PreprocessConfig(size=128))
     return paths, root / "subject"
+
+
+TINY_TRAIN = {
+    "resolution": 64,
+    "static_iterations": 2,
+    "smooth_audio_after": 4,
+    "checkpoint_every": 3,
+    "preview_every": 3,
+    "log_every": 1,
+    "model": {"init": {"n_face": 300, "n_head": 300, "n_mouth": 60}},
+    "strategy": {"refine_start_iter": 2, "refine_every": 2, "refine_stop_iter": 100, "max_gaussians": 2000},
+}
+"""Training options for runs that only need to exist: a few iterations at 64 px."""
+
+
+def tiny_train(iterations: int) -> dict:
+    return {**TINY_TRAIN, "iterations": iterations}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_subject, tmp_path_factory):
+    """A run trained for 6 iterations on the small subject (render, eval, export, viewer tests)."""
+    from avatar.train.trainer import train
+
+    _, subject = small_subject
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(subject, run, overrides=tiny_train(6), device="cpu", evaluate=False)
+    return run

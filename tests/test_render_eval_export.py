@@ -12,17 +12,8 @@ from avatar import media
 from avatar.cli import main
 from avatar.export import gaussian_arrays, read_ply
 from avatar.render.speech import auto_blinks, blink_events, loop_indices, pose_track
-from avatar.train.trainer import load_model, train
+from avatar.train.trainer import load_model
 from tests.conftest import tone
-from tests.train.test_trainer import _tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_run(small_subject, tmp_path_factory):
-    _, subject = small_subject
-    run = tmp_path_factory.mktemp("tiny_run") / "run"
-    train(subject, run, overrides=_tiny(4), device="cpu", evaluate=False)
-    return run
 
 
 def _invoke(*args: str):

@@ -13,27 +13,12 @@ from avatar.cli import main
 from avatar.errors import AvatarError
 from avatar.train.checkpoint import RunPaths, load_checkpoint, model_state
 from avatar.train.trainer import load_model, train
-
-TINY = {
-    "resolution": 64,
-    "static_iterations": 2,
-    "smooth_audio_after": 4,
-    "checkpoint_every": 3,
-    "preview_every": 3,
-    "log_every": 1,
-    "model": {"init": {"n_face": 300, "n_head": 300, "n_mouth": 60}},
-    "strategy": {"refine_start_iter": 2, "refine_every": 2, "refine_stop_iter": 100, "max_gaussians": 2000},
-}
-
-
-def _tiny(iterations: int) -> dict:
-    return {**TINY, "iterations": iterations}
-
+from tests.conftest import tiny_train
 
 def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
     _, subject = small_subject
     run = tmp_path / "run"
-    result = train(subject, run, overrides=_tiny(6), device="cpu", evaluate=False)
+    result = train(subject, run, overrides=tiny_train(6), device="cpu", evaluate=False)
     assert result.steps == 6
     paths = RunPaths(run)
     assert paths.config.is_file() and paths.latest_checkpoint() == 6
@@ -49,14 +34,14 @@ def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
 
 def test_interrupt_then_resume_is_exact(small_subject, tmp_path):
     _, subject = small_subject
-    straight = train(subject, tmp_path / "a", overrides=_tiny(8), device="cpu", evaluate=False)
+    straight = train(subject, tmp_path / "a", overrides=tiny_train(8), device="cpu", evaluate=False)
 
     def interrupt_at_5(step, done, total):
         if step == "train" and done == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(subject, tmp_path / "b", overrides=_tiny(8), device="cpu", evaluate=False, progress=interrupt_at_5)
+        train(subject, tmp_path / "b", overrides=tiny_train(8), device="cpu", evaluate=False, progress=interrupt_at_5)
     assert RunPaths(tmp_path / "b").latest_checkpoint() == 5, "Ctrl-C saves a checkpoint"
     resumed = train(subject, tmp_path / "b", device="cpu", resume=True, evaluate=False)
     assert straight.steps == resumed.steps == 8
@@ -71,9 +56,9 @@ def test_interrupt_then_resume_is_exact(small_subject, tmp_path):
 def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
     _, subject = small_subject
     run = tmp_path / "run"
-    train(subject, run, overrides=_tiny(2), device="cpu", evaluate=False)
+    train(subject, run, overrides=tiny_train(2), device="cpu", evaluate=False)
     with pytest.raises(AvatarError, match="--resume"):
-        train(subject, run, overrides=_tiny(2), device="cpu", evaluate=False)
+        train(subject, run, overrides=tiny_train(2), device="cpu", evaluate=False)
     with pytest.raises(AvatarError, match="no option"):
         train(subject, tmp_path / "other", overrides={"nonsense": 1}, device="cpu", evaluate=False)
     result = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "-o", str(tmp_path / "r2")])
