@@ -8,6 +8,7 @@ read. Layout (see ARCHITECTURE.md)::
       frames/          000000.jpg ... RGB crops (JPEG quality 95, 4:4:4)
       masks/           000000.png ... uint8 label maps, legend in subject.json
       background.png   background plate
+      neck_plate.png   what lies behind the head (torso + neck median, filled upwards)
       audio.wav        16 kHz mono
       tracks.npz       landmarks, pose, camera, face model, expression, blendshapes, audio features
       report/          QC images
@@ -118,6 +119,10 @@ class SubjectPaths:
     @property
     def background(self) -> Path:
         return self.root / "background.png"
+
+    @property
+    def neck_plate(self) -> Path:
+        return self.root / "neck_plate.png"
 
     @property
     def audio(self) -> Path:
@@ -292,12 +297,19 @@ class Subject:
         return frames, masks
 
     def background(self) -> np.ndarray:
-        """RGB uint8 [size, size, 3]."""
+        """RGB uint8 [size, size, 3]: the background plate."""
+        return self._image(self.paths.background)
+
+    def neck_plate(self) -> np.ndarray:
+        """RGB uint8 [size, size, 3]: what the compositor shows behind the head."""
+        return self._image(self.paths.neck_plate)
+
+    def _image(self, path: Path) -> np.ndarray:
         import cv2
 
-        bgr = cv2.imread(str(self.paths.background), cv2.IMREAD_COLOR)
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
-            raise InputError(f"{self.paths.background} is missing; preprocess again.")
+            raise InputError(f"{path} is missing; preprocess the video again.")
         return bgr[:, :, ::-1].copy()
 
 
@@ -330,7 +342,7 @@ def validate_subject(root: Path | str) -> SubjectManifest:
     n_masks = len(list(subject.paths.masks_dir.glob("*.png")))
     if n_frames != t or n_masks != t:
         raise InputError(f"{subject.paths.root} has {n_frames} frames and {n_masks} masks, expected {t}.")
-    for p in (subject.paths.audio, subject.paths.background):
+    for p in (subject.paths.audio, subject.paths.background, subject.paths.neck_plate):
         if not p.is_file():
             raise InputError(f"{p} is missing; preprocess again.")
     return m

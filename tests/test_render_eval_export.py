@@ -133,3 +133,22 @@ def test_demo_end_to_end(tmp_path):
     assert info.has_audio and info.duration_s == pytest.approx(8.0, abs=0.1)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_frames"] > 0 and metrics["psnr"] > 15
+
+
+def test_run_from_another_version_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old_run"
+    shutil.copytree(tiny_run, old)
+    config = json.loads((old / "config.json").read_text())
+    config["format_version"] = 0
+    (old / "config.json").write_text(json.dumps(config))
+    speech = media.write_wav(tmp_path / "s.wav", tone(1.0))
+    result = _invoke("render", old, "--audio", speech, "-o", tmp_path / "o.mp4")
+    assert result.exit_code == 1 and "train it again" in result.output, result.output
+    broken = tmp_path / "broken_run"
+    shutil.copytree(tiny_run, broken)
+    for ckpt in (broken / "checkpoints").glob("*.safetensors"):
+        ckpt.write_bytes(b"not a checkpoint")
+    result = _invoke("export", broken, "-o", tmp_path / "x.ply")
+    assert result.exit_code == 1 and "unreadable" in result.output, result.output

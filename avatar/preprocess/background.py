@@ -1,7 +1,11 @@
-"""The background plate: a per-pixel temporal median of pixels never covered by the person.
+"""Plates: per-pixel temporal medians of the background, and of what lies behind the head.
 
-Only a bounded, evenly spaced set of frames is kept (memory does not grow with the video);
-pixels the person covers in every kept frame are filled by inpainting.
+The background plate is the median of pixels not covered by the person. The neck plate is the
+median of torso + neck pixels, filled upwards by inpainting: it is what the compositor shows
+where the rendered head leaves a pixel of the head region uncovered (a jaw that opens less than
+in the frame the torso comes from), so such gaps read as neck and shadow instead of the wall
+behind the person. Only a bounded, evenly spaced set of frames is kept (memory does not grow
+with the video); pixels never sampled are filled by inpainting.
 """
 
 from __future__ import annotations
@@ -19,23 +23,32 @@ class BackgroundAccumulator:
         self.dilate_px = dilate_px
         self._frames: list[np.ndarray] = []
         self._bg: list[np.ndarray] = []
+        self._torso: list[np.ndarray] = []
 
     def wants(self, index: int) -> bool:
         return index in self.keep
 
-    def add(self, frame: np.ndarray, person: np.ndarray) -> None:
-        """frame: uint8 [H, W, 3]; person: bool [H, W] (grown by ``dilate_px`` to avoid halos)."""
+    def add(self, frame: np.ndarray, person: np.ndarray, torso: np.ndarray | None = None) -> None:
+        """frame: uint8 [H, W, 3]; person, torso: bool [H, W] (person grown by ``dilate_px``)."""
         k = 2 * self.dilate_px + 1
         grown = cv2.dilate(person.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
         self._frames.append(frame.copy())
         self._bg.append(~grown)
+        self._torso.append(torso.copy() if torso is not None else np.zeros_like(person))
 
     def plate(self) -> np.ndarray:
         """uint8 [H, W, 3]: median of background samples, holes inpainted."""
+        return self._median(self._bg)
+
+    def neck_plate(self) -> np.ndarray:
+        """uint8 [H, W, 3]: median of torso + neck samples, holes inpainted (behind the head)."""
+        return self._median(self._torso)
+
+    def _median(self, masks: list[np.ndarray]) -> np.ndarray:
         if not self._frames:
             raise ValueError("no frames were added to the background accumulator")
         frames = np.stack(self._frames).astype(np.float32)  # [K, H, W, 3]
-        bg = np.stack(self._bg)  # [K, H, W]
+        bg = np.stack(masks)  # [K, H, W]
         frames[~bg] = np.nan
         seen = bg.any(axis=0)
         with np.errstate(all="ignore"):

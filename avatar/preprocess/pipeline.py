@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STEP_VERSIONS = {
     "detect": 2,
-    "track": 1,
+    "track": 2,
     "face_model": 2,
     "masks": 1,
     "blendshapes": 2,
@@ -260,9 +260,10 @@ def preprocess(
         if len(result.valid) == 0:
             raise InputError(f"{video} has no decodable video frames.")
         cv2.imwrite(str(paths.background), result.background[:, :, ::-1])
+        cv2.imwrite(str(paths.neck_plate), result.neck_plate[:, :, ::-1])
         save_npz_atomic(track_file, landmarks=result.landmarks, valid=result.valid)
 
-    run("track", track_key, [track_file, paths.background], do_track)
+    run("track", track_key, [track_file, paths.background, paths.neck_plate], do_track)
     tracked = load_npz(track_file)
     valid = tracked["valid"]
     n_frames = len(valid)

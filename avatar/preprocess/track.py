@@ -21,7 +21,7 @@ from avatar import media
 from avatar.preprocess.background import BackgroundAccumulator
 from avatar.preprocess.masks import label_map
 from avatar.progress import Progress, track
-from avatar.subject import SubjectPaths
+from avatar.subject import LABEL, SubjectPaths
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class TrackResult:
     """[T] bool: the face mesh tracked this frame."""
     background: np.ndarray
     """[size, size, 3] uint8 background plate."""
+    neck_plate: np.ndarray
+    """[size, size, 3] uint8 what lies behind the head (torso + neck median, filled upwards)."""
 
 
 def _write(path: Path, image: np.ndarray, params: list[int]) -> None:
@@ -105,7 +107,7 @@ def track_video(
             person = seg.process(frame).segmentation_mask > config.person_threshold
             labels = label_map(person, landmarks[-1] if valid[-1] else None)
             if background.wants(i):
-                background.add(frame, person)
+                background.add(frame, person, labels == LABEL["torso_neck"])
             pending.append(pool.submit(_write, paths.frame(i), frame[:, :, ::-1], JPEG_PARAMS))
             pending.append(pool.submit(_write, paths.mask(i), labels, PNG_PARAMS))
             if len(pending) > 16:
@@ -115,12 +117,13 @@ def track_video(
         for fut in pending:
             fut.result()
     if not landmarks:
-        return TrackResult(np.zeros((0, 478, 3), np.float32), np.zeros(0, bool),
-                           np.zeros((size, size, 3), np.uint8))
+        empty = np.zeros((size, size, 3), np.uint8)
+        return TrackResult(np.zeros((0, 478, 3), np.float32), np.zeros(0, bool), empty, empty)
     return TrackResult(
         landmarks=np.stack(landmarks).astype(np.float32),
         valid=np.array(valid, bool),
         background=background.plate(),
+        neck_plate=background.neck_plate(),
     )
 
 

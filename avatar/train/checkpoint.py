@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from avatar.errors import InputError
@@ -135,7 +136,7 @@ def load_checkpoint(paths: RunPaths, step: Optional[int] = None) -> tuple[dict[s
     try:
         meta = json.loads(json_path.read_text())
         tensors = load_file(str(st_path))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise InputError(f"{st_path} is unreadable ({err}); resume from another checkpoint or train again.") from None
     if meta.get("version") != CHECKPOINT_VERSION:
         raise InputError(

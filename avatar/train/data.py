@@ -31,7 +31,8 @@ class Frame:
     image: Tensor
     """[H, W, 3] float in [0, 1]."""
     background: Tensor
-    """[H, W, 3]: ground-truth torso pixels over the background plate (what the head covers)."""
+    """[H, W, 3] what the head covers: ground-truth torso pixels, the neck plate in the head
+    region, the background plate elsewhere."""
     head_mask: Tensor
     """[H, W, 1] float: face, mouth interior and hair labels."""
     mouth_box: tuple[int, int, int, int]
@@ -72,12 +73,8 @@ class SubjectData:
         m = self.subject.manifest
         tracks = self.subject.tracks
         self.frames, self.masks = self.subject.image_cache(resolution, progress)
-        plate = self.subject.background()
-        if plate.shape[0] != resolution:
-            import cv2
-
-            plate = cv2.resize(plate, (resolution, resolution), interpolation=cv2.INTER_AREA)
-        self.plate = torch.from_numpy(plate).to(self.device).float() / 255.0
+        self.plate = self._plate(self.subject.background())
+        self.neck_plate = self._plate(self.subject.neck_plate())
         self.K = torch.from_numpy(scaled_intrinsics(tracks["intrinsics"], m.size, resolution)).float().to(self.device)
         self.viewmats = torch.linalg.inv(torch.from_numpy(tracks["cam_to_world"]).double()).float().to(self.device)
         self.eye = torch.from_numpy(eye_conditions(tracks, eye_features)).to(self.device)
@@ -86,6 +83,13 @@ class SubjectData:
         lips = tracks["landmarks"][:, list(topology.LIPS_OUTER), :2] * (resolution / m.size)
         self.lips = np.nan_to_num(lips)
         self.face_mean = tracks["face_mean"]
+
+    def _plate(self, image: np.ndarray) -> Tensor:
+        if image.shape[0] != self.resolution:
+            import cv2
+
+            image = cv2.resize(image, (self.resolution, self.resolution), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(image).to(self.device).float() / 255.0
 
     @property
     def n_frames(self) -> int:
@@ -111,7 +115,8 @@ class SubjectData:
         head = torch.zeros_like(torso)
         for value in HEAD_LABELS:
             head |= (labels == value)[..., None]
-        background = torch.where(torso, image, self.plate)
+        # Behind the head: the neck plate (gaps under a jaw read as neck, not as the wall).
+        background = torch.where(torso, image, torch.where(head, self.neck_plate, self.plate))
         return Frame(
             index=int(index), image=image, background=background, head_mask=head.float(),
             mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, eye=self.eye[index],
