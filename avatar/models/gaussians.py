@@ -173,7 +173,7 @@ class GaussianSet(nn.Module):
 
     @classmethod
     def empty(cls, n: int, sh_degree: int) -> "GaussianSet":
-        """A set of ``n`` placeholder Gaussians (to be overwritten by a checkpoint)."""
+        """A set of ``n`` default Gaussians whose values a checkpoint then overwrites."""
         return cls(torch.zeros(n, 3), torch.full((n, 3), 0.5), torch.full((n,), 0.01), 0.5, sh_degree)
 
     def __len__(self) -> int:

@@ -93,7 +93,7 @@ def _project_gaussians(
 
     Culled Gaussians (behind the near plane, beyond the far plane, degenerate 2D covariance, too
     transparent to ever reach alpha 1/255, or entirely off screen) get ``radii == 0``; their other
-    outputs are finite placeholders so that no NaN can leak into gradients.
+    outputs are finite stand-ins so that no NaN can leak into gradients.
 
     Args:
         means: centres in world space. [N, 3]
@@ -120,7 +120,7 @@ def _project_gaussians(
     x, y, z = means_c.unbind(-1)
 
     in_range = (z >= near_plane) & (z <= far_plane)  # gsplat keeps both ends
-    z = torch.where(in_range, z, torch.ones_like(z))  # placeholder depth for culled Gaussians
+    z = torch.where(in_range, z, torch.ones_like(z))  # stand-in depth for culled Gaussians
 
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
