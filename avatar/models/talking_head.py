@@ -92,6 +92,14 @@ class LayerGaussians:
     colors: Tensor
     """[N, 3] RGB, or SH coefficients [N, K, 3] when ``sh_degree`` > 0."""
 
+    def frame(self, b: int) -> "LayerGaussians":
+        """Frame ``b`` of a layer deformed by B conditions (per-frame tensors have a leading B)."""
+        def pick(t: Tensor, rank: int) -> Tensor:
+            return t[b] if t.dim() > rank else t
+
+        return LayerGaussians(pick(self.means, 2), pick(self.quats, 2), pick(self.scales, 2),
+                              pick(self.opacities, 1), self.colors)
+
 
 class TalkingHead(nn.Module):
     """Canonical Gaussians + audio conditioning + face and mouth deformation networks."""
@@ -161,30 +169,17 @@ class TalkingHead(nn.Module):
         backgrounds: Tensor,  # [B, H, W, 3]
         backend: str = "auto",
     ) -> Tensor:  # [B, H, W, 3]
-        """Render B frames: one batched deformation, then one rasterization per frame per layer.
+        """Render B frames: one batched deformation, then the layers of each frame.
 
         The deformation networks evaluate the tri-plane encoding once for all B conditions; this
         is what batching buys (most on a GPU). Returns composited RGB.
         """
-        face, mouth = self.face, self.mouth
-        out = self.face_deform(face.means, cond.audio, cond.eye)
-        f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
-                                                     out.d_xyz, out.d_rot, out.d_scale)
-        m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
-        f_colors, m_colors = self._colors(face), self._colors(mouth)
-        sh = self.config.sh_degree if self.config.sh_degree > 0 else None
+        face_layer, mouth_layer = self.deform(cond)
         images = []
         for b in range(viewmats.shape[0]):
-            premult = torch.zeros(height, width, 3, device=viewmats.device)
-            alpha = torch.zeros(height, width, 1, device=viewmats.device)
-            layers = ((m_means[b], mouth.quats, mouth.scales, mouth.opacities, m_colors),
-                      (f_means[b], f_quats[b], torch.exp(f_logs[b]), face.opacities, f_colors))
-            for means, quats, scales, opac, colors in layers:
-                rgb, a, _ = rasterize(means, quats, scales, opac, colors, viewmats[b:b + 1], K[None],
-                                      width, height, sh_degree=sh, backend=backend)
-                premult = rgb[0] + (1 - a[0]) * premult
-                alpha = a[0] + (1 - a[0]) * alpha
-            images.append(premult + (1 - alpha) * backgrounds[b])
+            out = self._composite(face_layer.frame(b), mouth_layer.frame(b), viewmats[b], K, width, height,
+                                  backgrounds[b], backend, ("face", "mouth"))
+            images.append(out["rgb"])
         return torch.stack(images)
 
     def render(
@@ -205,6 +200,11 @@ class TalkingHead(nn.Module):
         (the rasterizer's, for densification).
         """
         face_layer, mouth_layer = self.deform(cond)
+        return self._composite(face_layer, mouth_layer, viewmat, K, width, height, background, backend, layers)
+
+    def _composite(self, face_layer: "LayerGaussians", mouth_layer: "LayerGaussians", viewmat: Tensor, K: Tensor,
+                   width: int, height: int, background: Optional[Tensor], backend: str,
+                   layers: tuple[str, ...]) -> dict[str, Any]:
         out: dict[str, Any] = {"meta": {}}
         premult = torch.zeros(height, width, 3, device=viewmat.device)
         alpha = torch.zeros(height, width, 1, device=viewmat.device)
