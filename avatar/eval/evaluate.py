@@ -141,6 +141,7 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
     import json
 
     from avatar.errors import InputError
+    from avatar.subject import write_json_atomic
     from avatar.train.data import SubjectData
     from avatar.train.trainer import load_model, resolve_device
 
@@ -155,8 +156,5 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
     metrics = evaluate_model(model, data, split, progress, video=Path(video_path) if video_path else None)
     metrics["step"] = step
     if json_path is not None:
-        path = Path(json_path)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(path)
+        write_json_atomic(Path(json_path), json.dumps(metrics, indent=2))
     return metrics

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from avatar.errors import InputError
+from avatar.subject import write_json_atomic
 
 CHECKPOINT_VERSION = 1
 
@@ -113,9 +114,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp_st))
     os.replace(tmp_st, st_path)
     meta = {"version": CHECKPOINT_VERSION, "step": step, "optimizers": opt_meta, **extra_json}
-    tmp_json = json_path.with_name(json_path.name + ".partial")
-    tmp_json.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_json, json_path)  # the JSON lands last: it marks the checkpoint complete
+    write_json_atomic(json_path, json.dumps(meta, indent=1))  # lands last: marks the checkpoint complete
     steps = sorted(int(p.stem.split("_")[1]) for p in paths.checkpoints.glob("step_*.json"))
     for old in steps[:-keep]:
         for p in paths.checkpoint(old):

@@ -31,6 +31,7 @@ from avatar.models._config import ModelConfig
 from avatar.models.gaussians import init_head
 from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
+from avatar.subject import write_json_atomic
 from avatar.train.checkpoint import (
     RunPaths,
     load_checkpoint,
@@ -134,9 +135,7 @@ def make_config(subject: Path | str, preset: str = "fast", overrides: Optional[d
 
 def save_config(paths: RunPaths, config: TrainConfig) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.config.with_name("config.json.partial")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(paths.config)
+    write_json_atomic(paths.config, json.dumps(config.to_dict(), indent=2))
 
 
 def load_config(run_dir: Path | str) -> TrainConfig:
@@ -462,9 +461,7 @@ def train(
         metrics = evaluate_model(trainer.model, trainer.data, split="val", progress=progress)
         metrics.update({"train_seconds": round(seconds, 1), "steps": trainer.step, "preset": config.preset,
                         "n_gaussians": len(trainer.model.face) + len(trainer.model.mouth)})
-        tmp = paths.metrics.with_name("metrics.json.partial")
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(paths.metrics)
+        write_json_atomic(paths.metrics, json.dumps(metrics, indent=2))
     return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
                        n_gaussians=len(trainer.model.face) + len(trainer.model.mouth),
                        last_psnr=psnr_avg, metrics=metrics)
