@@ -12,6 +12,7 @@ from avatar import media
 from avatar.cli import main
 from avatar.export import gaussian_arrays, read_ply
 from avatar.render.speech import auto_blinks, blink_events, loop_indices, pose_track
+from avatar.subject import MASK_LEGEND
 from avatar.train.trainer import load_model
 from tests.conftest import tone
 
@@ -89,6 +90,10 @@ def test_eval_writes_json_and_video(tiny_run, tmp_path):
                 "resolution", "device"):
         assert key in metrics
     assert metrics["n_frames"] > 0 and metrics["psnr"] > 5
+    # The per-region breakdown covers every label and its shares add up to the whole error.
+    assert set(metrics["region_psnr"]) == set(MASK_LEGEND.values())
+    assert sum(metrics["region_error_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert metrics["region_psnr"]["face"] is not None and metrics["region_psnr"]["face"] > 5
     info = media.probe(video)
     assert info.width == 2 * metrics["resolution"] and info.has_audio
 

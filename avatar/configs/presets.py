@@ -24,6 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "strategy": {"refine_start_iter": 300, "refine_stop_iter": 2200, "refine_every": 100,
                      "max_gaussians": 9000},
+        "mouth_max_gaussians": 1000,
     },
     "default": {
         "resolution": 512,
@@ -38,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 20000, "refine_every": 100,
                      "max_gaussians": 120000},
+        "mouth_max_gaussians": 8000,
     },
     "best": {
         "resolution": 512,
@@ -52,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 40000, "refine_every": 100,
                      "max_gaussians": 250000},
+        "mouth_max_gaussians": 15000,
     },
 }
 

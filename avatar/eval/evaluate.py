@@ -3,7 +3,9 @@
 Each frame is re-rendered with its true audio, eye tracks, camera and torso, and compared with
 the ground truth: PSNR of the whole frame and of the head region, SSIM, LPIPS where its weights
 load, mouth-landmark distance (mediapipe on both images) and the correlation of the rendered and
-true inner-lip opening over the split.
+true inner-lip opening over the split. ``region_psnr`` and ``region_error_share`` break the
+squared error down by the subject's label regions (background, torso, face, mouth, hair): where
+the render is wrong, not only how much.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 
 from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
-from avatar.eval.metrics import lpips_or_none, psnr, ssim
+from avatar.eval.metrics import RegionErrors, lpips_or_none, psnr, ssim
 from avatar.progress import Progress, track
+from avatar.subject import MASK_LEGEND
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
     model.eval()
     psnrs, head_psnrs, ssims, lpipses = [], [], [], []
     preds, gts = [], []
+    regions = RegionErrors(MASK_LEGEND)
     start = time.perf_counter()
     render_seconds = 0.0
     with contextlib.ExitStack() as stack:
@@ -65,6 +69,7 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
             if head.any():
                 head_psnrs.append(psnr(pred, gt, mask=head))
             ssims.append(ssim(pred, gt))
+            regions.add(pred, gt, np.asarray(data.masks[frame.index]))
             lp = lpips_or_none(pred, gt)
             if lp is not None:
                 lpipses.append(lp)
@@ -86,6 +91,8 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
         "render_fps": round(len(indices) / max(render_seconds, 1e-9), 2),
         "resolution": int(data.resolution),
         "device": str(data.device),
+        "region_psnr": regions.psnr(),
+        "region_error_share": {k: round(v, 4) for k, v in regions.share().items()},
     }
     if landmarks:
         tracker = MouthTracker()
@@ -94,7 +101,14 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
         metrics["lmd"] = lmd(pred_lm, gt_lm, data.resolution)
         metrics["mouth_corr"] = mouth_correlation(inner_lip_opening(pred_lm), inner_lip_opening(gt_lm))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+    return _finite_or_none(metrics)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON-safe metrics: non-finite floats (an exact region's inf PSNR, a NaN) become None."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 class _SideBySide:

@@ -102,6 +102,10 @@ class TrainConfig(ModelConfig):
     lr: LearningRates = field(default_factory=LearningRates)
     loss: LossWeights = field(default_factory=LossWeights)
     strategy: DensifyStrategy = field(default_factory=DensifyStrategy)
+    mouth_max_gaussians: int = 0
+    """Cap of the mouth-interior set (0: the strategy's ``max_gaussians``). Without it the mouth
+    branch keeps growing behind the lips and cheeks, where the face layer hides it: render time
+    spent on pixels nobody sees."""
     format_version: int = RUN_FORMAT_VERSION
 
 
@@ -295,6 +299,11 @@ class _Trainer:
             "mouth": _gaussian_optimizer(self.model.mouth, cfg.lr, self.scene_scale),
             "networks": _network_optimizer(self.model, cfg.lr),
         }
+        self.strategies = {
+            "face": cfg.strategy,
+            "mouth": dataclasses.replace(cfg.strategy, max_gaussians=cfg.mouth_max_gaussians)
+            if cfg.mouth_max_gaussians > 0 else cfg.strategy,
+        }
         self.strategy_state = {
             "face": cfg.strategy.initialize_state(len(self.model.face), self.device),
             "mouth": cfg.strategy.initialize_state(len(self.model.mouth), self.device),
@@ -345,7 +354,7 @@ class _Trainer:
             opt.step()
         for layer, gaussians in (("face", self.model.face), ("mouth", self.model.mouth)):
             if layer in out["meta"]:
-                counts = cfg.strategy.step_post_backward(
+                counts = self.strategies[layer].step_post_backward(
                     gaussians, self.optimizers[layer], self.strategy_state[layer], self.step,
                     out["meta"][layer], self.scene_scale,
                 )

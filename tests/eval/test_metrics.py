@@ -241,3 +241,33 @@ def test_mouth_tracker_no_face_and_bad_input() -> None:
     assert MouthTracker().track([]).shape == (0, 478, 2)
     with pytest.raises(ValueError, match="uint8"):
         MouthTracker().track([np.zeros((64, 64, 3), np.float32)])
+
+
+# ------------------------------------------------------------------------------- regions
+
+
+def test_region_errors_pool_per_label_and_share_the_total() -> None:
+    from avatar.eval.metrics import RegionErrors
+
+    gt = np.zeros((4, 6, 3))
+    labels = np.zeros((4, 6), np.int64)
+    labels[:, 3:] = 2  # right half: "face"
+    pred = gt.copy()
+    pred[:, 3:] = 0.1  # face error 0.01 (20 dB), background exact
+    errors = RegionErrors({0: "background", 2: "face", 4: "hair"})
+    errors.add(pred, gt, labels)
+    pred2 = gt.copy()
+    pred2[:, :3] = 0.1  # second frame: the error moves to the background
+    pred2[:, 3:] = 0.0
+    errors.add(pred2, gt, labels)
+    psnrs = errors.psnr()
+    # Pooled over both frames each region has half its pixels at MSE 0.01: MSE 0.005.
+    assert psnrs["face"] == pytest.approx(10 * math.log10(1 / 0.005))
+    assert psnrs["background"] == pytest.approx(10 * math.log10(1 / 0.005))
+    assert psnrs["hair"] is None  # no pixel of that label in any frame
+    assert errors.share() == pytest.approx({"background": 0.5, "face": 0.5, "hair": 0.0})
+    exact = RegionErrors({0: "background"})
+    exact.add(gt, gt, labels * 0)
+    assert exact.psnr() == {"background": math.inf} and exact.share() == {"background": 0.0}
+    with pytest.raises(ValueError, match="labels must be"):
+        errors.add(pred, gt, labels[:2])

@@ -53,6 +53,16 @@ def test_interrupt_then_resume_is_exact(small_subject, tmp_path):
         torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
 
 
+def test_mouth_set_has_its_own_cap(small_subject, tmp_path):
+    _, subject = small_subject
+    overrides = {**tiny_train(12), "mouth_max_gaussians": 70}
+    overrides["strategy"] = {**overrides["strategy"], "grow_grad2d": 0.0}  # every Gaussian wants to grow
+    result = train(subject, tmp_path / "run", overrides=overrides, device="cpu", evaluate=False)
+    _, model, _ = load_model(result.run_dir)
+    assert len(model.mouth) <= 70, "the mouth branch stops at its own cap"
+    assert len(model.face) > 600, "the face branch still grows up to the strategy's cap"
+
+
 def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
     _, subject = small_subject
     run = tmp_path / "run"
