@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import io
 import json
+import signal
 import socket
 import threading
 import time
@@ -168,10 +169,17 @@ def test_view_command_serves_until_ctrl_c(viewer_run):
                 time.sleep(0.2)
         _thread.interrupt_main()  # what Ctrl-C does
 
-    helper = threading.Thread(target=browse_then_ctrl_c, daemon=True)
-    helper.start()
-    result = CliRunner().invoke(main, ["view", str(viewer_run), "--port", str(port), "--device", "cpu"])
-    helper.join(timeout=5)
+    # A process started in the background by a non-interactive shell (as CI runners may do)
+    # inherits SIGINT ignored, and then Ctrl-C (and interrupt_main) does nothing: give this
+    # test the handler a terminal's foreground process has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        helper = threading.Thread(target=browse_then_ctrl_c, daemon=True)
+        helper.start()
+        result = CliRunner().invoke(main, ["view", str(viewer_run), "--port", str(port), "--device", "cpu"])
+        helper.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert fetched.get("status") == 200
     assert result.exit_code == 0, result.output
     assert f"http://127.0.0.1:{port}/" in result.output and "Viewer stopped." in result.output
