@@ -21,17 +21,10 @@ import numpy as np
 import torch
 
 
-def _skew(w: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros((), dtype=w.dtype)
-    return torch.stack([
-        torch.stack([zero, -w[2], w[1]]),
-        torch.stack([w[2], zero, -w[0]]),
-        torch.stack([-w[1], w[0], zero]),
-    ])
-
-
 def correct_pose(model, data, index: int, steps: int, lr: float = 2e-3) -> dict:
     """Fit a rigid camera correction of frame ``index``; MSE before and after, and the correction."""
+    from avatar.preprocess.face_model import so3_exp
+
     frame = data.frame(index)
     r = data.resolution
     with torch.no_grad():
@@ -43,7 +36,7 @@ def correct_pose(model, data, index: int, steps: int, lr: float = 2e-3) -> dict:
 
     def render() -> torch.Tensor:
         correction = torch.eye(4)
-        correction[:3, :3] = torch.matrix_exp(_skew(rot))
+        correction[:3, :3] = so3_exp(rot)
         correction[:3, 3] = shift
         return model.render(cond, correction @ frame.viewmat, frame.K, r, r, frame.background)["rgb"]
 

@@ -203,7 +203,7 @@ def _skew(v: torch.Tensor) -> torch.Tensor:
                         -v[..., 1], v[..., 0], zero], dim=-1).reshape(*v.shape[:-1], 3, 3)
 
 
-def _so3_exp(w: torch.Tensor) -> torch.Tensor:
+def so3_exp(w: torch.Tensor) -> torch.Tensor:
     """Rotation matrices [..., 3, 3] from axis-angle vectors [..., 3] (Rodrigues)."""
     theta2 = (w * w).sum(-1, keepdim=True)[..., None]
     theta = theta2.clamp_min(1e-20).sqrt()
@@ -470,7 +470,7 @@ def _frame_step(st: _State, h: torch.Tensor, g: torch.Tensor, smoother: _Smoothe
     if k:
         de = -(x[..., 6:] + x[..., :6] @ dpose_t[..., None])[..., 0]
         new.expr = (st.expr.double() + de).float()
-    new.rot = _so3_exp(dpose_t[:, :3].float()) @ st.rot
+    new.rot = so3_exp(dpose_t[:, :3].float()) @ st.rot
     new.trans = st.trans + dpose_t[:, 3:].float()
     return new
 

@@ -255,7 +255,7 @@ def test_normal_equations_match_autograd(make_clip, depth_weight):
 
     def frame_residuals(x):  # x [T, 6 + K]: rotation increment, translation, expression
         new = st.copy()
-        new.rot = fm._so3_exp(x[:, :3]) @ st.rot
+        new.rot = fm.so3_exp(x[:, :3]) @ st.rot
         new.trans = st.trans + x[:, 3:6]
         new.expr = st.expr + x[:, 6:]
         return fm._residuals(new, data)[0]
