@@ -35,6 +35,9 @@ class Frame:
     region, the background plate elsewhere."""
     head_mask: Tensor
     """[H, W, 1] float: face, mouth interior and hair labels."""
+    skin_mask: Tensor
+    """[H, W, 1] float: the face label alone (skin and lips, not the mouth interior): where the
+    face layer must be opaque."""
     mouth_box: tuple[int, int, int, int]
     """x0, y0, x1, y1 around the lips, in training pixels."""
     viewmat: Tensor
@@ -119,5 +122,6 @@ class SubjectData:
         background = torch.where(torso, image, torch.where(head, self.neck_plate, self.plate))
         return Frame(
             index=int(index), image=image, background=background, head_mask=head.float(),
+            skin_mask=(labels == LABEL["face"])[..., None].float(),
             mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, eye=self.eye[index],
         )

@@ -75,6 +75,10 @@ class LossWeights(ModelConfig):
     """Extra L1 inside the box around the lips."""
     alpha: float = 0.2
     """L1 between the head's alpha and the head mask (face, hair, mouth labels)."""
+    face_alpha: float = 0.1
+    """Mean transparency of the face layer over the skin (face label). Without it the mouth
+    layer, which sits behind the face, learns cheek and lip colours and shows through holes in
+    the face layer; under a new expression those holes open onto the wrong colours."""
     scale: float = 10.0
     """Penalty on Gaussians larger than ``max_scale`` times the head size."""
     max_scale: float = 0.04
@@ -240,12 +244,15 @@ def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales
     mx0, my0, mx1, my1 = frame.mouth_box
     mouth = (pred[my0:my1, mx0:mx1] - gt[my0:my1, mx0:mx1]).abs().mean() if mx1 > mx0 and my1 > my0 else pred.new_zeros(())
     alpha = (out["head_alpha"] - frame.head_mask).abs().mean()
+    skin = frame.skin_mask
+    face_alpha = ((1 - out["face_alpha"]) * skin).sum() / skin.sum().clamp_min(1.0)
     big = torch.relu(scales - weights.max_scale * scene_scale).mean() / scene_scale
-    loss = weights.l1 * l1 + weights.dssim * dssim + weights.mouth * mouth + weights.alpha * alpha + weights.scale * big
+    loss = (weights.l1 * l1 + weights.dssim * dssim + weights.mouth * mouth + weights.alpha * alpha
+            + weights.face_alpha * face_alpha + weights.scale * big)
     with torch.no_grad():
         mse = ((pred.clamp(0, 1) - gt) ** 2).mean()
         psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
-    parts = {"loss": loss, "l1": l1, "dssim": dssim, "mouth": mouth, "alpha": alpha}
+    parts = {"loss": loss, "l1": l1, "dssim": dssim, "mouth": mouth, "alpha": alpha, "face_alpha": face_alpha}
     return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "psnr": psnr}
 
 

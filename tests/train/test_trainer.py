@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from avatar.cli import main
 from avatar.errors import AvatarError
 from avatar.train.checkpoint import RunPaths, load_checkpoint, model_state
-from avatar.train.trainer import load_model, train
+from avatar.train.data import Frame
+from avatar.train.trainer import LossWeights, compute_loss, load_model, train
 from tests.conftest import tiny_train
+
 
 def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
     _, subject = small_subject
@@ -61,6 +63,32 @@ def test_mouth_set_has_its_own_cap(small_subject, tmp_path):
     _, model, _ = load_model(result.run_dir)
     assert len(model.mouth) <= 70, "the mouth branch stops at its own cap"
     assert len(model.face) > 600, "the face branch still grows up to the strategy's cap"
+
+
+def _loss_frame(skin: torch.Tensor) -> Frame:
+    h, w = skin.shape[:2]
+    return Frame(index=0, image=torch.full((h, w, 3), 0.5), background=torch.zeros(h, w, 3),
+                 head_mask=skin.clone(), skin_mask=skin, mouth_box=(0, 0, 0, 0), viewmat=torch.eye(4),
+                 K=torch.eye(3), eye=torch.zeros(4))
+
+
+def test_face_layer_must_be_opaque_over_the_skin():
+    skin = torch.zeros(16, 16, 1)
+    skin[4:12, 4:12] = 1.0
+    frame = _loss_frame(skin)
+    weights = LossWeights(face_alpha=1.0)
+    scales = torch.zeros(1, 3)
+
+    def loss_with(face_alpha: torch.Tensor) -> dict:
+        out = {"rgb": frame.image.clone(), "head_alpha": skin.clone(), "face_alpha": face_alpha}
+        return compute_loss(out, frame, weights, scales, scene_scale=1.0)[1]
+
+    # The mouth layer showing through the skin (face layer transparent there) is penalised in
+    # full; a transparent face layer off the skin costs nothing.
+    assert loss_with(torch.zeros(16, 16, 1))["face_alpha"] == pytest.approx(1.0)
+    assert loss_with(skin.clone())["face_alpha"] == pytest.approx(0.0)
+    half = skin * 0.5
+    assert loss_with(half)["face_alpha"] == pytest.approx(0.5)
 
 
 def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
