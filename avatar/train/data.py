@@ -38,6 +38,8 @@ class Frame:
     skin_mask: Tensor
     """[H, W, 1] float: the face label alone (skin and lips, not the mouth interior): where the
     face layer must be opaque."""
+    mouth_mask: Tensor
+    """[H, W, 1] float: the mouth-interior label (inside the lips): what the mouth layer draws."""
     mouth_box: tuple[int, int, int, int]
     """x0, y0, x1, y1 around the lips, in training pixels."""
     viewmat: Tensor
@@ -123,5 +125,6 @@ class SubjectData:
         return Frame(
             index=int(index), image=image, background=background, head_mask=head.float(),
             skin_mask=(labels == LABEL["face"])[..., None].float(),
+            mouth_mask=(labels == LABEL["mouth_interior"])[..., None].float(),
             mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, eye=self.eye[index],
         )

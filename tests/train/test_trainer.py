@@ -65,30 +65,36 @@ def test_mouth_set_has_its_own_cap(small_subject, tmp_path):
     assert len(model.face) > 600, "the face branch still grows up to the strategy's cap"
 
 
-def _loss_frame(skin: torch.Tensor) -> Frame:
+def _loss_frame(skin: torch.Tensor, inside: torch.Tensor) -> Frame:
     h, w = skin.shape[:2]
     return Frame(index=0, image=torch.full((h, w, 3), 0.5), background=torch.zeros(h, w, 3),
-                 head_mask=skin.clone(), skin_mask=skin, mouth_box=(0, 0, 0, 0), viewmat=torch.eye(4),
-                 K=torch.eye(3), eye=torch.zeros(4))
+                 head_mask=skin + inside, skin_mask=skin, mouth_mask=inside, mouth_box=(0, 0, 0, 0),
+                 viewmat=torch.eye(4), K=torch.eye(3), eye=torch.zeros(4))
 
 
-def test_face_layer_must_be_opaque_over_the_skin():
+def test_face_layer_is_opaque_over_the_skin_and_open_over_the_mouth_interior():
     skin = torch.zeros(16, 16, 1)
     skin[4:12, 4:12] = 1.0
-    frame = _loss_frame(skin)
-    weights = LossWeights(face_alpha=1.0)
+    inside = torch.zeros(16, 16, 1)
+    inside[8:10, 6:10] = 1.0
+    skin[8:10, 6:10] = 0.0
+    frame = _loss_frame(skin, inside)
+    weights = LossWeights(face_alpha=1.0, mouth_alpha=1.0)
     scales = torch.zeros(1, 3)
 
     def loss_with(face_alpha: torch.Tensor) -> dict:
-        out = {"rgb": frame.image.clone(), "head_alpha": skin.clone(), "face_alpha": face_alpha}
+        out = {"rgb": frame.image.clone(), "head_alpha": skin + inside, "face_alpha": face_alpha}
         return compute_loss(out, frame, weights, scales, scene_scale=1.0)[1]
 
     # The mouth layer showing through the skin (face layer transparent there) is penalised in
-    # full; a transparent face layer off the skin costs nothing.
-    assert loss_with(torch.zeros(16, 16, 1))["face_alpha"] == pytest.approx(1.0)
-    assert loss_with(skin.clone())["face_alpha"] == pytest.approx(0.0)
-    half = skin * 0.5
-    assert loss_with(half)["face_alpha"] == pytest.approx(0.5)
+    # full, and so are face Gaussians painting the inside of the mouth; off the face both are free.
+    transparent = loss_with(torch.zeros(16, 16, 1))
+    assert transparent["face_alpha"] == pytest.approx(1.0) and transparent["mouth_alpha"] == pytest.approx(0.0)
+    opaque = loss_with(torch.ones(16, 16, 1))
+    assert opaque["face_alpha"] == pytest.approx(0.0) and opaque["mouth_alpha"] == pytest.approx(1.0)
+    right = loss_with(skin.clone())
+    assert right["face_alpha"] == pytest.approx(0.0) and right["mouth_alpha"] == pytest.approx(0.0)
+    assert loss_with(skin * 0.5)["face_alpha"] == pytest.approx(0.5)
 
 
 def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
