@@ -34,6 +34,15 @@ EYE_FEATURES = ("eye_blink_left", "eye_blink_right", "brow_raise_left", "brow_ra
 """Blendshape tracks that condition the face branch besides audio (none of them is mouth motion,
 so a new utterance's lips come from its audio alone)."""
 
+POSE_FEATURES = ("head_rot_x", "head_rot_y", "head_rot_z")
+"""Head rotation relative to the camera (so to gravity), as condition tracks: hair hangs and
+swings with it. Derived from the pose track, not from the image (see
+:func:`avatar.train.data.head_rotation_features`)."""
+
+CONDITION_FEATURES = EYE_FEATURES + POSE_FEATURES
+"""The default non-audio condition of the face branch. The head rotation raised katie's val PSNR
+by 0.3 dB in two seeds (benchmarks/RESULTS.md, Training): the hair's deformation follows it."""
+
 
 @dataclass
 class TalkingHeadConfig(ModelConfig):
@@ -45,7 +54,8 @@ class TalkingHeadConfig(ModelConfig):
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     face: FaceDeformationConfig = field(default_factory=FaceDeformationConfig)
     mouth: MouthDeformationConfig = field(default_factory=MouthDeformationConfig)
-    eye_features: tuple[str, ...] = EYE_FEATURES
+    eye_features: tuple[str, ...] = CONDITION_FEATURES
+    """Names of the non-audio condition tracks: blendshapes of the subject, or ``POSE_FEATURES``."""
     box_margin: float = 0.25
     """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
 
@@ -78,7 +88,7 @@ class FrameCondition:
     audio: Tensor
     """[C_a] smoothed audio code."""
     eye: Tensor
-    """[C_e] eye/brow tracks in 0..1."""
+    """[C_e] non-audio condition: eye/brow tracks in 0..1, head rotation (``eye_features``)."""
 
 
 @dataclass

@@ -273,6 +273,8 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
                     eyes = torch.stack([f.eye for f in frames])
                     if blinks is not None:
                         eyes[:, blink_cols] = torch.from_numpy(blinks[list(ts)]).to(device)
+                    if c2w is not None:  # the head turns as the pose file says, and the hair with it
+                        eyes = data.with_pose(eyes, c2w[list(ts)])
                     views = torch.stack([f.viewmat if viewmats is None else viewmats[t] for f, t in zip(frames, ts)])
                     conds = FrameCondition(codes[b0:b0 + len(ts)], eyes)
                     outs = model.render_many(conds, views, data.K, size, size,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from avatar.errors import InputError
+from avatar.models.talking_head import POSE_FEATURES
 from avatar.preprocess import topology
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
@@ -47,7 +48,7 @@ class Frame:
     K: Tensor
     """[3, 3] intrinsics at the training resolution."""
     eye: Tensor
-    """[E] eye condition."""
+    """[E] the face branch's non-audio condition (eye and brow tracks, head rotation)."""
 
 
 def scaled_intrinsics(K: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
@@ -58,13 +59,54 @@ def scaled_intrinsics(K: np.ndarray, from_size: int, to_size: int) -> np.ndarray
     return out
 
 
-def eye_conditions(tracks: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
-    """The named blendshape tracks [T, E] (the face branch's non-audio condition)."""
+POSE_UNIT_DEGREES = 10.0
+"""Head-rotation condition units: 10 degrees read as 1, the scale of the blendshape tracks."""
+
+
+def mean_head_rotation(cam_to_world: np.ndarray) -> np.ndarray:
+    """The mean world-to-camera rotation [3, 3] of a pose track [T, 4, 4]: the pose-condition zero."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_matrix(_world_to_camera_rotations(cam_to_world)).mean().as_matrix()
+
+
+def head_rotation_features(cam_to_world: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The head's rotation [T, 3] away from ``reference``, in camera axes, in ``POSE_UNIT_DEGREES``.
+
+    The camera holds still in the source video and the head turns, so this is the head's
+    rotation relative to gravity: what makes hair hang and swing differently as she turns.
+    It is a rotation vector (x: nod, y: turn, z: tilt), zero at the reference pose.
+    """
+    from scipy.spatial.transform import Rotation
+
+    relative = Rotation.from_matrix(_world_to_camera_rotations(cam_to_world) @ reference.T)
+    return (np.degrees(relative.as_rotvec()) / POSE_UNIT_DEGREES).astype(np.float32)
+
+
+def _world_to_camera_rotations(cam_to_world: np.ndarray) -> np.ndarray:
+    # The inverse of a rigid transform's rotation is its transpose.
+    return np.swapaxes(np.asarray(cam_to_world, np.float64)[:, :3, :3], -1, -2)
+
+
+def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_reference: np.ndarray) -> np.ndarray:
+    """The face branch's non-audio condition [T, E]: the named blendshape and head-rotation tracks."""
     available = [str(n) for n in tracks["blendshape_names"]]
-    missing = [n for n in names if n not in available]
+    missing = [n for n in names if n not in available and n not in POSE_FEATURES]
     if missing:
         raise InputError(f"the subject has no {', '.join(missing)} track; preprocess it again.")
-    return tracks["blendshapes"][:, [available.index(n) for n in names]].astype(np.float32)
+    out = np.zeros((len(tracks["blendshapes"]), len(names)), np.float32)
+    pose = head_rotation_features(tracks["cam_to_world"], pose_reference)
+    for column, name in enumerate(names):
+        if name in POSE_FEATURES:
+            out[:, column] = pose[:, POSE_FEATURES.index(name)]
+        else:
+            out[:, column] = tracks["blendshapes"][:, available.index(name)]
+    return out
+
+
+def pose_columns(names: Sequence[str]) -> list[tuple[int, int]]:
+    """(condition column, axis of :func:`head_rotation_features`) of each head-rotation track in ``names``."""
+    return [(column, POSE_FEATURES.index(name)) for column, name in enumerate(names) if name in POSE_FEATURES]
 
 
 class SubjectData:
@@ -82,9 +124,12 @@ class SubjectData:
         self.neck_plate = self._plate(self.subject.neck_plate())
         self.K = torch.from_numpy(scaled_intrinsics(tracks["intrinsics"], m.size, resolution)).float().to(self.device)
         self.viewmats = torch.linalg.inv(torch.from_numpy(tracks["cam_to_world"]).double()).float().to(self.device)
-        self.eye = torch.from_numpy(eye_conditions(tracks, eye_features)).to(self.device)
-        self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
         self.valid = tracks["valid"].astype(bool)
+        train = self.split("train")
+        self.pose_reference = mean_head_rotation(tracks["cam_to_world"][train if len(train) else slice(None)])
+        self.eye_features = tuple(str(n) for n in eye_features)
+        self.eye = torch.from_numpy(condition_tracks(tracks, eye_features, self.pose_reference)).to(self.device)
+        self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
         lips = tracks["landmarks"][:, list(topology.LIPS_OUTER), :2] * (resolution / m.size)
         self.lips = np.nan_to_num(lips)
         self.face_mean = tracks["face_mean"]
@@ -103,6 +148,18 @@ class SubjectData:
     def split(self, name: str, valid_only: bool = True) -> np.ndarray:
         idx = self.subject.frame_indices(name)
         return idx[self.valid[idx]] if valid_only else idx
+
+    def with_pose(self, eye: Tensor, cam_to_world: np.ndarray) -> Tensor:
+        """``eye`` [B, E] with its head-rotation columns recomputed for poses ``cam_to_world``
+        [B, 4, 4] that are not the subject's own (a pose file given to ``avatar render``)."""
+        columns = pose_columns(self.eye_features)
+        if not columns:
+            return eye
+        pose = torch.from_numpy(head_rotation_features(cam_to_world, self.pose_reference)).to(eye)
+        eye = eye.clone()
+        for column, axis in columns:
+            eye[:, column] = pose[:, axis]
+        return eye
 
     def mouth_box(self, index: int, pad: float = 0.35) -> tuple[int, int, int, int]:
         pts = self.lips[index]

@@ -35,7 +35,7 @@ from avatar.media import AUDIO_RATE, load_audio
 from avatar.models.talking_head import FrameCondition
 from avatar.progress import Progress
 from avatar.render.speech import BLINK_NAMES, auto_blinks, loop_indices
-from avatar.train.data import SubjectData, scaled_intrinsics
+from avatar.train.data import SubjectData, pose_columns, scaled_intrinsics
 from avatar.train.trainer import load_model
 from avatar.viewer.state import ViewState, orbit_viewmat, project_points
 
@@ -144,6 +144,7 @@ class ViewerEngine:
             scaled_intrinsics(self.data.K.double().cpu().numpy(), cfg.resolution, self.size)
         ).float().to(self.device)
         self.eye_names = [str(n) for n in cfg.model.eye_features]
+        self.pose_columns = pose_columns(self.eye_names)
         self.blink_index = [self.eye_names.index(n) for n in BLINK_NAMES if n in self.eye_names]
         with torch.no_grad():
             self.target = self.model.face.means.mean(dim=0)  # head centre: the orbit's pivot
@@ -304,6 +305,9 @@ class ViewerEngine:
             start = time.perf_counter()
             frame = self.data.frame(pose)
             eye = speech.eye[index].clone()
+            if not state.follow:  # the held frame's head rotation, not the speech's pose track's
+                for column, _ in self.pose_columns:
+                    eye[column] = self.data.eye[pose, column]
             if state.blink is not None and self.blink_index:
                 eye[self.blink_index] = state.blink
             cond = FrameCondition(speech.codes[index], eye)

@@ -1,0 +1,72 @@
+"""The face branch's non-audio condition: blendshape tracks and the head's rotation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from avatar.errors import InputError
+from avatar.models.talking_head import CONDITION_FEATURES, POSE_FEATURES
+from avatar.train.data import (
+    SubjectData,
+    condition_tracks,
+    head_rotation_features,
+    mean_head_rotation,
+    pose_columns,
+)
+
+
+def _cam_to_world(world_to_camera: np.ndarray) -> np.ndarray:
+    """Pose track [T, 4, 4] from world-to-camera rotations [T, 3, 3] (translation irrelevant here)."""
+    c2w = np.tile(np.eye(4), (len(world_to_camera), 1, 1))
+    c2w[:, :3, :3] = np.swapaxes(world_to_camera, -1, -2)
+    c2w[:, :3, 3] = [0.0, 0.0, 0.5]
+    return c2w
+
+
+def test_head_rotation_is_zero_at_the_reference_and_reads_tens_of_degrees_in_camera_axes():
+    reference = Rotation.from_euler("xyz", [170.0, 5.0, -3.0], degrees=True).as_matrix()
+    tilt = Rotation.from_euler("z", 10.0, degrees=True).as_matrix()  # about the camera's optical axis
+    nod = Rotation.from_euler("x", -25.0, degrees=True).as_matrix()
+    features = head_rotation_features(_cam_to_world(np.stack([reference, tilt @ reference, nod @ reference])),
+                                      reference)
+    np.testing.assert_allclose(features, [[0, 0, 0], [0, 0, 1.0], [-2.5, 0, 0]], atol=1e-5)
+
+
+def test_mean_head_rotation_is_the_middle_of_a_symmetric_sway():
+    reference = Rotation.from_euler("xyz", [180.0, 2.0, 0.0], degrees=True).as_matrix()
+    sway = [Rotation.from_euler("y", a, degrees=True).as_matrix() @ reference for a in (-8.0, 0.0, 8.0)]
+    np.testing.assert_allclose(mean_head_rotation(_cam_to_world(np.stack(sway))), reference, atol=1e-6)
+
+
+def test_condition_tracks_mix_blendshapes_and_head_rotation_in_the_asked_order():
+    reference = np.eye(3)
+    turn = Rotation.from_euler("y", 20.0, degrees=True).as_matrix()
+    tracks = {
+        "blendshape_names": np.array(["eye_blink_left", "jaw_open"]),
+        "blendshapes": np.array([[0.1, 0.7], [0.9, 0.2]], np.float32),
+        "cam_to_world": _cam_to_world(np.stack([reference, turn])),
+    }
+    names = ("head_rot_y", "eye_blink_left", "head_rot_x")
+    out = condition_tracks(tracks, names, reference)
+    np.testing.assert_allclose(out, [[0.0, 0.1, 0.0], [2.0, 0.9, 0.0]], atol=1e-5)
+    assert pose_columns(names) == [(0, 1), (2, 0)]
+    with pytest.raises(InputError, match="brow_raise_left"):
+        condition_tracks(tracks, ("brow_raise_left",), reference)
+
+
+def test_a_pose_file_changes_only_the_head_rotation_columns(small_subject):
+    _, subject = small_subject
+    data = SubjectData(subject, 64, CONDITION_FEATURES)
+    frames = [0, 1, 2]
+    own = data.eye[frames]
+    c2w = data.subject.tracks["cam_to_world"][frames]
+    torch.testing.assert_close(data.with_pose(own, c2w), own, atol=1e-5, rtol=0)
+    turned = c2w.copy()
+    turned[:, :3, :3] = turned[:, :3, :3] @ Rotation.from_euler("y", 15.0, degrees=True).as_matrix()
+    posed = data.with_pose(own, turned)
+    n_eye = len(CONDITION_FEATURES) - len(POSE_FEATURES)
+    torch.testing.assert_close(posed[:, :n_eye], own[:, :n_eye])
+    assert (posed[:, n_eye:] - own[:, n_eye:]).abs().max() > 1.0  # 15 degrees is 1.5 units
