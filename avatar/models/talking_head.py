@@ -41,7 +41,7 @@ swings with it. Derived from the pose track, not from the image (see
 
 CONDITION_FEATURES = EYE_FEATURES + POSE_FEATURES
 """The default non-audio condition of the face branch. The head rotation raised katie's val PSNR
-by 0.3 dB in two seeds (benchmarks/RESULTS.md, Training): the hair's deformation follows it."""
+by 0.7 and 0.4 dB in two seeds (benchmarks/RESULTS.md, Training): the hair's deformation follows it."""
 
 
 @dataclass

@@ -95,12 +95,14 @@ def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_r
     if missing:
         raise InputError(f"the subject has no {', '.join(missing)} track; preprocess it again.")
     out = np.zeros((len(tracks["blendshapes"]), len(names)), np.float32)
-    pose = head_rotation_features(tracks["cam_to_world"], pose_reference)
     for column, name in enumerate(names):
-        if name in POSE_FEATURES:
-            out[:, column] = pose[:, POSE_FEATURES.index(name)]
-        else:
+        if name not in POSE_FEATURES:
             out[:, column] = tracks["blendshapes"][:, available.index(name)]
+    columns = pose_columns(names)
+    if columns:
+        pose = head_rotation_features(tracks["cam_to_world"], pose_reference)
+        for column, axis in columns:
+            out[:, column] = pose[:, axis]
     return out
 
 
