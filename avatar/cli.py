@@ -147,15 +147,24 @@ def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: f
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resume", is_flag=True, help="Continue the run in the output directory from its newest checkpoint.")
 @click.option("--no-eval", is_flag=True, help="Skip the validation metrics at the end.")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
+              help="Change one option of RUN/config.json over the preset, e.g. --set loss.mouth=2.0 "
+                   "(repeatable; VALUE is JSON or a plain string).")
 def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | None, device: str,
-          resume: bool, no_eval: bool) -> None:
+          resume: bool, no_eval: bool, assignments: tuple[str, ...]) -> None:
     """Train a talking-head avatar on a preprocessed SUBJECT."""
+    from avatar.train.trainer import parse_assignments
     from avatar.train.trainer import train as run_train
 
-    overrides = {"iterations": iters} if iters is not None else None
+    try:
+        overrides = parse_assignments(assignments)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--set") from None
+    if iters is not None:
+        overrides["iterations"] = iters
     progress = ConsoleProgress()
     try:
-        result = run_train(subject, run_dir, preset=preset, overrides=overrides, device=device,
+        result = run_train(subject, run_dir, preset=preset, overrides=overrides or None, device=device,
                            resume=resume, evaluate=not no_eval, progress=progress)
     finally:
         progress.close()

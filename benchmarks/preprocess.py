@@ -13,31 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
+import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def _avatar(*args: str) -> list[str]:
-    return [sys.executable, "-m", "avatar.cli", *args]
-
-
-def _make_sample(work: Path, name: str, duration: float) -> Path:
-    out = work / name
-    video = out / "sample.mp4"
-    if not video.exists():
-        subprocess.run(_avatar("sample", "-o", str(out), "--duration", str(duration)), check=True)
-    return video
+from _common import avatar_cmd, machine, make_sample, run_measured
 
 
 def _make_hevc(work: Path) -> Path:
     from avatar.media import ffmpeg_exe
 
-    src = _make_sample(work, "sample24", 24.0)
+    src = make_sample(work, "sample24", 24.0)
     dst = work / "hevc1080.mp4"
     if not dst.exists():
         subprocess.run(
@@ -51,18 +39,10 @@ def _make_hevc(work: Path) -> Path:
 
 def _run_case(name: str, video: Path, work: Path, size: int) -> dict:
     out = work / f"subject_{name}"
-    cmd = _avatar("preprocess", str(video), "-o", str(out), "--size", str(size), "--force")
+    cmd = avatar_cmd("preprocess", str(video), "-o", str(out), "--size", str(size), "--force")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed:\n{stdout}\n{stderr}")
+    wall, peak_mb = run_measured(cmd, name, work / f"preprocess_{name}.log")
     manifest = json.loads((out / "subject.json").read_text())
     n = manifest["n_frames"]
     return {
@@ -71,7 +51,7 @@ def _run_case(name: str, video: Path, work: Path, size: int) -> dict:
         "n_frames": n,
         "seconds": round(wall, 2),
         "frames_per_second": round(n / wall, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_mb, 1),
         "valid_share": round(manifest["stats"]["valid_share"], 4),
         "reprojection_error_px": round(manifest["stats"]["reprojection_error_px"], 3),
         "step_seconds": manifest["stats"]["seconds"],
@@ -89,18 +69,18 @@ def main() -> None:
     results = []
     for case in args.cases:
         if case == "sample512":
-            video = _make_sample(work, "sample24", 24.0)
+            video = make_sample(work, "sample24", 24.0)
         elif case == "hevc1080":
             video = _make_hevc(work)
         elif case == "long180":
-            video = _make_sample(work, "sample180", 180.0)
+            video = make_sample(work, "sample180", 180.0)
         else:
             video = Path(case)
             case = video.stem
         results.append(_run_case(case, video, work, args.size))
     print(json.dumps({
         "benchmark": "preprocess",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "machine": machine(),
         "python": platform.python_version(),
         "results": results,
     }, indent=2))

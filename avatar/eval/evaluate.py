@@ -52,12 +52,14 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
         raise ValueError(f"the {split} split has no tracked frames")
     model.eval()
     psnrs, head_psnrs, ssims, lpipses = [], [], [], []
-    preds, gts = [], []
     regions = RegionErrors(MASK_LEGEND)
     start = time.perf_counter()
     render_seconds = 0.0
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(_side_by_side_writer(video, data, indices)) if video is not None else None
+        # Landmarks are tracked as frames come (two independent trackers), so no split is held in memory.
+        pred_track = stack.enter_context(MouthTracker().session()) if landmarks else None
+        gt_track = stack.enter_context(MouthTracker().session()) if landmarks else None
         t0 = time.perf_counter()
         for _, pred_u8, frame in render_split(model, data, indices, progress):
             render_seconds += time.perf_counter() - t0
@@ -74,11 +76,13 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
             if lp is not None:
                 lpipses.append(lp)
             if landmarks:
-                preds.append(pred_u8)
-                gts.append(gt_u8)
+                pred_track.add(pred_u8)
+                gt_track.add(gt_u8)
             if writer is not None:
                 writer.write(np.concatenate([gt_u8, pred_u8], axis=1))
             t0 = time.perf_counter()
+        if landmarks:
+            pred_lm, gt_lm = pred_track.landmarks(), gt_track.landmarks()
     metrics: dict[str, Any] = {
         "split": split,
         "psnr": float(np.mean(psnrs)),
@@ -95,9 +99,6 @@ def evaluate_model(model, data, split: str = "val", progress: Optional[Progress]
         "region_error_share": {k: round(v, 4) for k, v in regions.share().items()},
     }
     if landmarks:
-        tracker = MouthTracker()
-        pred_lm = tracker.track(preds)
-        gt_lm = MouthTracker().track(gts)
         metrics["lmd"] = lmd(pred_lm, gt_lm, data.resolution)
         metrics["mouth_corr"] = mouth_correlation(inner_lip_opening(pred_lm), inner_lip_opening(gt_lm))
     metrics["seconds"] = round(time.perf_counter() - start, 2)

@@ -78,37 +78,64 @@ class MouthTracker:
         Raises:
             ValueError: a frame is not RGB uint8 [H, W, 3].
         """
+        with self.session() as session:
+            for frame in frames:
+                session.add(frame)
+            return session.landmarks()
+
+    def session(self) -> "MouthTrackingSession":
+        """A fresh tracker fed one frame at a time, for callers that produce frames in a loop
+        and cannot keep them all (evaluation of long subjects tracks its renders and the
+        ground truth side by side without holding either sequence). Use it as a context manager."""
+        return MouthTrackingSession(self)
+
+
+class MouthTrackingSession:
+    """One face-mesh graph over one sequence; see :meth:`MouthTracker.session`."""
+
+    def __init__(self, tracker: MouthTracker) -> None:
         import mediapipe as mp
 
-        out: list[np.ndarray] = []
-        missing = np.full((topology.N_LANDMARKS, 2), np.nan, np.float32)
-        with mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=not self.video,
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=not tracker.video,
             max_num_faces=1,
             refine_landmarks=True,
-            min_detection_confidence=self.min_detection_confidence,
-            min_tracking_confidence=self.min_tracking_confidence,
-        ) as mesh:
-            for i, frame in enumerate(frames):
-                frame = np.asarray(frame)
-                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-                    raise ValueError(
-                        f"frame {i} must be RGB uint8 [H, W, 3], got {frame.dtype} {frame.shape}"
-                    )
-                result = mesh.process(np.ascontiguousarray(frame))
-                if not result.multi_face_landmarks:
-                    out.append(missing)
-                    continue
-                h, w = frame.shape[:2]
-                pts = result.multi_face_landmarks[0].landmark
-                xy = np.array([(p.x * w, p.y * h) for p in pts], np.float32)
-                out.append(xy)
-        if not out:
+            min_detection_confidence=tracker.min_detection_confidence,
+            min_tracking_confidence=tracker.min_tracking_confidence,
+        )
+        self._out: list[np.ndarray] = []
+
+    def __enter__(self) -> "MouthTrackingSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def add(self, frame: np.ndarray) -> np.ndarray:
+        """Track the next frame (RGB uint8 [H, W, 3]); its float32 [478, 2] landmarks, NaN if no face."""
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"frame {len(self._out)} must be RGB uint8 [H, W, 3], got {frame.dtype} {frame.shape}")
+        result = self._mesh.process(np.ascontiguousarray(frame))
+        if not result.multi_face_landmarks:
+            xy = np.full((topology.N_LANDMARKS, 2), np.nan, np.float32)
+        else:
+            h, w = frame.shape[:2]
+            xy = np.array([(p.x * w, p.y * h) for p in result.multi_face_landmarks[0].landmark], np.float32)
+        self._out.append(xy)
+        return xy
+
+    def landmarks(self) -> np.ndarray:
+        """float32 [T, 478, 2] of the frames added so far (logs how many had no face)."""
+        if not self._out:
             return np.zeros((0, topology.N_LANDMARKS, 2), np.float32)
-        found = sum(not np.isnan(o[0, 0]) for o in out)
-        if found < len(out):
-            log.info("face mesh found a face in %d of %d frames", found, len(out))
-        return np.stack(out)
+        found = sum(not np.isnan(o[0, 0]) for o in self._out)
+        if found < len(self._out):
+            log.info("face mesh found a face in %d of %d frames", found, len(self._out))
+        return np.stack(self._out)
 
 
 def _as_sequence(landmarks: np.ndarray, name: str) -> np.ndarray:

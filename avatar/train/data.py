@@ -1,8 +1,8 @@
 """A subject as training data: frames, cameras and conditions at the training resolution.
 
-Frames and label maps come from the subject's memory-mapped uint8 cache and are turned into
-float tensors one frame at a time, so memory stays bounded whatever the subject's length. Per
-frame tracks (cameras, eye conditions, audio features) are small and held as tensors.
+Frames and label maps come from the subject's uint8 cache on disk (:class:`avatar.subject.FrameFile`)
+and are turned into float tensors one frame at a time, so memory stays bounded whatever the
+subject's length. Per frame tracks (cameras, eye conditions, audio features) are small and held as tensors.
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ class SubjectData:
         return max(0, x0), max(0, y0), min(r, x1), min(r, y1)
 
     def frame(self, index: int) -> Frame:
-        image = torch.from_numpy(np.array(self.frames[index])).to(self.device).float() / 255.0
-        labels = torch.from_numpy(np.array(self.masks[index])).to(self.device)
+        image = torch.from_numpy(self.frames[index]).to(self.device).float() / 255.0
+        labels = torch.from_numpy(self.masks[index]).to(self.device)
         torso = (labels == LABEL["torso_neck"])[..., None]
         head = torch.zeros_like(torso)
         for value in HEAD_LABELS:

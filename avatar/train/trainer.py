@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,16 +118,75 @@ class TrainConfig(ModelConfig):
     format_version: int = RUN_FORMAT_VERSION
 
 
-def merge(config: Any, overrides: dict[str, Any]) -> Any:
-    """``config`` with nested ``overrides`` applied (unknown keys raise ValueError)."""
+def merge(config: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
+    """``config`` with nested ``overrides`` applied.
+
+    Raises:
+        ValueError: an unknown option, or a value of the wrong kind for its option (a string
+            for a number, a fraction for a count), named by its dotted path.
+    """
     changes = {}
     names = {f.name for f in dataclasses.fields(config)}
     for key, value in overrides.items():
+        path = prefix + key
         if key not in names:
-            raise ValueError(f"{type(config).__name__} has no option {key!r}; options: {sorted(names)}")
+            raise ValueError(f"{type(config).__name__} has no option {path!r}; options: {sorted(names)}")
         current = getattr(config, key)
-        changes[key] = merge(current, value) if isinstance(value, dict) and dataclasses.is_dataclass(current) else value
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"option {path!r} is a group of options; set its members ({path}.NAME)")
+            changes[key] = merge(current, value, path + ".")
+        else:
+            changes[key] = _checked_value(path, current, value)
     return dataclasses.replace(config, **changes)
+
+
+def _checked_value(path: str, current: Any, value: Any) -> Any:
+    """``value`` for an option whose default is ``current``, if it is of the same kind."""
+    if current is None:
+        return value
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, str):
+        ok = isinstance(value, str)
+    elif isinstance(current, (tuple, list)):
+        ok = isinstance(value, (tuple, list))
+        value = type(current)(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"option {path!r} takes a {type(current).__name__} (like {current!r}), got {value!r}")
+    return value
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """Nested overrides from ``NAME.NAME=VALUE`` strings (the command line's ``--set``).
+
+    VALUE is read as JSON when it parses (``0.1``, ``true``, ``["a", "b"]``), else as a string,
+    so ``device=cuda`` needs no quotes. Names are checked later, by :func:`merge`.
+    """
+    out: dict[str, Any] = {}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        keys = name.strip().split(".")
+        if not sep or not all(keys):
+            raise ValueError(f"expected NAME=VALUE (e.g. loss.mouth=2.0), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r} sets a member of {key!r}, which is also given a value")
+        node[keys[-1]] = value
+    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -421,6 +480,10 @@ def train(
     dev = resolve_device(device)
     if resume:
         config = load_config(run_dir)
+        fixed = sorted(set(overrides or {}) - {"iterations"})
+        if fixed:
+            raise AvatarError(f"a resumed run keeps its config.json; only the iteration count can change, "
+                              f"not {', '.join(fixed)}.")
         if overrides and "iterations" in overrides:
             config = dataclasses.replace(config, iterations=int(overrides["iterations"]))
     else:

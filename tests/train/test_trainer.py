@@ -13,7 +13,7 @@ from avatar.cli import main
 from avatar.errors import AvatarError
 from avatar.train.checkpoint import RunPaths, load_checkpoint, model_state
 from avatar.train.data import Frame
-from avatar.train.trainer import LossWeights, compute_loss, load_model, train
+from avatar.train.trainer import LossWeights, TrainConfig, compute_loss, load_model, merge, parse_assignments, train
 from tests.conftest import tiny_train
 
 
@@ -107,6 +107,41 @@ def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
         train(subject, tmp_path / "other", overrides={"nonsense": 1}, device="cpu", evaluate=False)
     result = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "-o", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "not a complete subject" in result.output
+
+
+def test_set_assignments_parse_to_nested_checked_overrides():
+    overrides = parse_assignments(["loss.mouth=2", "model.eye_features=[\"eyeBlinkLeft\"]", "device=cuda",
+                                   "strategy.max_gaussians=5000", "loss.dssim=0.5"])
+    assert overrides == {"loss": {"mouth": 2, "dssim": 0.5}, "model": {"eye_features": ["eyeBlinkLeft"]},
+                         "device": "cuda", "strategy": {"max_gaussians": 5000}}
+    config = merge(TrainConfig(), overrides)
+    assert config.loss.mouth == 2.0 and isinstance(config.loss.mouth, float)
+    assert config.model.eye_features == ("eyeBlinkLeft",) and config.strategy.max_gaussians == 5000
+    for bad in (["loss.mouth"], ["=1"], ["loss..mouth=1"], ["loss=1", "loss.mouth=2"]):
+        with pytest.raises(ValueError):
+            parse_assignments(bad)
+    for bad, message in (({"loss": {"mouth": "big"}}, "loss.mouth"), ({"iterations": 10.5}, "iterations"),
+                         ({"loss": 1.0}, "group"), ({"loss": {"nonsense": 1}}, "loss.nonsense"),
+                         ({"model": {"eye_features": "eyeBlinkLeft"}}, "model.eye_features")):
+        with pytest.raises(ValueError, match=message):
+            merge(TrainConfig(), bad)
+
+
+def test_train_command_sets_options_and_a_resumed_run_keeps_them(small_subject, tmp_path):
+    _, subject = small_subject
+    run = tmp_path / "run"
+    args = ["train", str(subject), "-o", str(run), "--iters", "2", "--no-eval", "--device", "cpu",
+            "--set", "resolution=64", "--set", "loss.mouth=3.5", "--set", 'model.init={"n_face": 200, "n_head": 200, "n_mouth": 40}']
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["loss"]["mouth"] == 3.5 and saved["resolution"] == 64 and saved["iterations"] == 2
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--resume", "--set", "loss.mouth=1"])
+    assert result.exit_code == 1 and "keeps its config.json" in result.output
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "r2"), "--set", "loss.mouth=big"])
+    assert result.exit_code == 1 and "loss.mouth" in result.output
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "r3"), "--set", "loss.mouth"])
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
 
 
 @pytest.mark.slow

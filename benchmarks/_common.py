@@ -1,0 +1,45 @@
+"""Helpers shared by the command-line benchmarks: run ``avatar`` as a child process and measure it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def avatar_cmd(*args: str) -> list[str]:
+    """The command line that runs ``avatar ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "avatar.cli", *args]
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
+
+
+def make_sample(work: Path, name: str, duration: float) -> Path:
+    """The synthetic sample video of ``duration`` seconds in ``work/name`` (made once)."""
+    out = work / name
+    video = out / "sample.mp4"
+    if not video.exists():
+        subprocess.run(avatar_cmd("sample", "-o", str(out), "--duration", str(duration)), check=True)
+    return video
+
+
+def run_measured(cmd: list[str], what: str, log: Path) -> tuple[float, float]:
+    """Run ``cmd`` with its output in ``log``; (wall seconds, peak resident memory of the child in MB).
+
+    The child's own resource usage comes from ``wait4``, so earlier children do not count.
+    Raises SystemExit with the end of the log when it fails.
+    """
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{log.read_text()[-4000:]}")
+    return wall, usage.ru_maxrss / 1024
