@@ -275,6 +275,15 @@ def _load_lpips(net: str, device: str) -> Optional[torch.nn.Module]:
     return model
 
 
+def lpips_network(net: str = "alex", device: str = "cpu") -> Optional[torch.nn.Module]:
+    """The frozen LPIPS network (inputs BCHW in [-1, 1]), or None when it cannot be loaded.
+
+    For the training loss: gradients flow to the images, never to the network. Shared with
+    :func:`lpips_or_none` (one load per net and device).
+    """
+    return _load_lpips(net, str(device))
+
+
 def lpips_or_none(pred: ImageLike, target: ImageLike, *, net: str = "alex") -> Optional[float]:
     """LPIPS distance (lower is better) when the ``lpips`` package and its weights load, else None.
 
@@ -298,4 +307,4 @@ def lpips_or_none(pred: ImageLike, target: ImageLike, *, net: str = "alex") -> O
         return float(model(x, y).mean())
 
 
-__all__ = ["dssim_loss", "lpips_or_none", "psnr", "ssim"]
+__all__ = ["dssim_loss", "lpips_network", "lpips_or_none", "psnr", "ssim"]

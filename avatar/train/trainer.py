@@ -84,6 +84,13 @@ class LossWeights(ModelConfig):
     to the mouth layer (without it the face layer paints the inside of the mouth too: 98 % opaque
     there on katie). Off by default: at 0.1 it scored slightly lower on katie and the sample
     (benchmarks/RESULTS.md, Training)."""
+    lpips: float = 0.0
+    """LPIPS on the head's bounding box, when the ``lpips`` package and its weights load (it
+    needs torchvision and downloads the weights once); off in every preset because no run has
+    measured it yet (no torchvision on the CPU machine, no GPU lent). A run that asks for it and
+    cannot load it trains without it and says so in the log."""
+    lpips_net: str = "alex"
+    """LPIPS backbone: "alex" or "vgg"."""
     scale: float = 10.0
     """Penalty on Gaussians larger than ``max_scale`` times the head size."""
     max_scale: float = 0.04
@@ -295,8 +302,8 @@ def _box_of(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:
 
 
 def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales: Tensor,
-                 scene_scale: float) -> tuple[Tensor, dict[str, float]]:
-    """Photometric, mouth, mask and scale terms of one frame."""
+                 scene_scale: float, lpips_net: Optional[torch.nn.Module] = None) -> tuple[Tensor, dict[str, float]]:
+    """Photometric, mouth, mask and scale terms of one frame (and LPIPS, given its network)."""
     from avatar.eval.metrics import dssim_loss
 
     pred, gt = out["rgb"], frame.image
@@ -305,6 +312,9 @@ def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales
     crop_p = pred[y0:y1, x0:x1].permute(2, 0, 1)[None]
     crop_g = gt[y0:y1, x0:x1].permute(2, 0, 1)[None]
     dssim = dssim_loss(crop_p, crop_g) if min(y1 - y0, x1 - x0) >= 11 else pred.new_zeros(())
+    perceptual = pred.new_zeros(())
+    if lpips_net is not None and weights.lpips > 0 and min(y1 - y0, x1 - x0) >= 32:
+        perceptual = lpips_net(crop_p * 2 - 1, crop_g * 2 - 1).mean()
     mx0, my0, mx1, my1 = frame.mouth_box
     mouth = (pred[my0:my1, mx0:mx1] - gt[my0:my1, mx0:mx1]).abs().mean() if mx1 > mx0 and my1 > my0 else pred.new_zeros(())
     alpha = (out["head_alpha"] - frame.head_mask).abs().mean()
@@ -314,12 +324,13 @@ def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales
     mouth_alpha = (out["face_alpha"] * inside).sum() / inside.sum().clamp_min(1.0)
     big = torch.relu(scales - weights.max_scale * scene_scale).mean() / scene_scale
     loss = (weights.l1 * l1 + weights.dssim * dssim + weights.mouth * mouth + weights.alpha * alpha
-            + weights.face_alpha * face_alpha + weights.mouth_alpha * mouth_alpha + weights.scale * big)
+            + weights.face_alpha * face_alpha + weights.mouth_alpha * mouth_alpha + weights.scale * big
+            + weights.lpips * perceptual)
     with torch.no_grad():
         mse = ((pred.clamp(0, 1) - gt) ** 2).mean()
         psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
     parts = {"loss": loss, "l1": l1, "dssim": dssim, "mouth": mouth, "alpha": alpha, "face_alpha": face_alpha,
-             "mouth_alpha": mouth_alpha}
+             "mouth_alpha": mouth_alpha, "lpips": perceptual}
     return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "psnr": psnr}
 
 
@@ -368,6 +379,14 @@ class _Trainer:
             self.config = cfg = dataclasses.replace(cfg, model=self.model.config)
             save_config(self.paths, cfg)
         self.scene_scale = float(meta["scene_scale"]) if meta else scene_scale_of(self.model)
+        self.lpips_net = None
+        if cfg.loss.lpips > 0:
+            from avatar.eval.metrics import lpips_network
+
+            self.lpips_net = lpips_network(cfg.loss.lpips_net, str(self.device))
+            if self.lpips_net is None:
+                log.warning("loss.lpips is %g but LPIPS could not be loaded (see the info log: the lpips "
+                            "package needs torchvision and its weights); training without it.", cfg.loss.lpips)
         self.optimizers = {
             "face": _gaussian_optimizer(self.model.face, cfg.lr, self.scene_scale),
             "mouth": _gaussian_optimizer(self.model.mouth, cfg.lr, self.scene_scale),
@@ -422,7 +441,7 @@ class _Trainer:
         cond = self.condition(frame.index, frame)
         out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.background)
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
-        loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale)
+        loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale, self.lpips_net)
         loss.backward()
         for opt in self.optimizers.values():
             opt.step()

@@ -154,3 +154,51 @@ def test_psnr_rises_on_the_sample(small_subject, tmp_path):
     assert metrics["n_frames"] > 0 and metrics["resolution"] == 128
     assert metrics["psnr"] > 24.0, metrics
     assert np.isfinite(metrics["ssim"])
+
+
+class _TinyPerceptual(torch.nn.Module):
+    """Stands in for the LPIPS network (no torchvision here): a fixed conv feature distance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        assert x.min() >= -1 and x.max() <= 1  # LPIPS takes images in [-1, 1]
+        return (self.conv(x) - self.conv(y)).square().mean(dim=(1, 2, 3), keepdim=True)
+
+
+def test_lpips_term_joins_the_loss_when_its_network_loads():
+    skin = torch.zeros(48, 48, 1)
+    skin[4:44, 4:44] = 1.0
+    frame = _loss_frame(skin, torch.zeros(48, 48, 1))
+    pred = (frame.image + 0.2 * torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    pred.requires_grad_(True)
+    out = {"rgb": pred, "head_alpha": skin, "face_alpha": skin}
+    net = _TinyPerceptual()
+    off, parts_off = compute_loss(out, frame, LossWeights(), torch.zeros(1, 3), 1.0, net)
+    on, parts_on = compute_loss(out, frame, LossWeights(lpips=2.0), torch.zeros(1, 3), 1.0, net)
+    assert parts_off["lpips"] == 0.0 and parts_on["lpips"] > 0
+    assert float((on - off).detach()) == pytest.approx(2.0 * parts_on["lpips"], rel=1e-5)
+    on.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    same = {**out, "rgb": frame.image}
+    assert compute_loss(same, frame, LossWeights(lpips=2.0), torch.zeros(1, 3), 1.0, net)[1]["lpips"] == 0.0
+
+
+def test_a_run_asking_for_lpips_trains_without_it_when_it_cannot_load(small_subject, tmp_path, monkeypatch, caplog):
+    import avatar.eval.metrics as metrics
+
+    _, subject = small_subject
+    monkeypatch.setattr(metrics, "_load_lpips", lambda net, device: None)
+    with caplog.at_level("WARNING"):
+        result = train(subject, tmp_path / "run", overrides={**tiny_train(2), "loss": {"lpips": 0.1}},
+                       device="cpu", evaluate=False)
+    assert result.steps == 2 and "LPIPS could not be loaded" in caplog.text
+    calls = []
+    monkeypatch.setattr(metrics, "_load_lpips", lambda net, device: calls.append(net) or _TinyPerceptual())
+    train(subject, tmp_path / "run2", overrides={**tiny_train(2), "loss": {"lpips": 0.1, "lpips_net": "vgg"}},
+          device="cpu", evaluate=False)
+    assert calls == ["vgg"]
