@@ -292,6 +292,9 @@ class Subject:
                         raise InputError(f"frame {i} of {self.paths.root} is {img.shape[:2]}, not {size}x{size}; preprocess again.")
                     fw.write(np.ascontiguousarray(img, np.uint8).tobytes())
                     mw.write(np.ascontiguousarray(lab, np.uint8).tobytes())
+                for f in (fw, mw):  # on disk before the final name appears
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp_f, frames_path)
             os.replace(tmp_m, masks_path)
         return FrameFile(frames_path, frames_shape), FrameFile(masks_path, masks_shape)
