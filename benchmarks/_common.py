@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def avatar_cmd(*args: str) -> list[str]:
@@ -17,6 +20,23 @@ def avatar_cmd(*args: str) -> list[str]:
 
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
+
+
+def work_dir(path: Optional[Path], prefix: str = "avatar-bench-") -> Path:
+    """``path`` (created if missing), or a fresh temporary directory when it is None."""
+    work = path or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def print_report(benchmark: str, results: list[dict]) -> None:
+    """The benchmark's JSON on stdout: its name, the machine, Python and one row per case."""
+    print(json.dumps({
+        "benchmark": benchmark,
+        "machine": machine(),
+        "python": platform.python_version(),
+        "results": results,
+    }, indent=2))
 
 
 def make_sample(work: Path, name: str, duration: float) -> Path:

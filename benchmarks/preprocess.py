@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
-from _common import avatar_cmd, machine, make_sample, run_measured
+from _common import avatar_cmd, make_sample, print_report, run_measured, work_dir
 
 
 def _make_hevc(work: Path) -> Path:
@@ -64,8 +62,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="avatar-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir)
     results = []
     for case in args.cases:
         if case == "sample512":
@@ -78,12 +75,7 @@ def main() -> None:
             video = Path(case)
             case = video.stem
         results.append(_run_case(case, video, work, args.size))
-    print(json.dumps({
-        "benchmark": "preprocess",
-        "machine": machine(),
-        "python": platform.python_version(),
-        "results": results,
-    }, indent=2))
+    print_report("preprocess", results)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from _common import work_dir
 
 
 def main() -> None:
@@ -34,8 +35,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="avatar-render-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir, prefix="avatar-render-bench-")
     results = []
     lip = None
     for i, size in enumerate(args.sizes):

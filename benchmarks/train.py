@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import tempfile
 from pathlib import Path
 
-from _common import avatar_cmd, machine, make_sample, run_measured
+from _common import avatar_cmd, make_sample, print_report, run_measured, work_dir
 
 
 def _long_subject(work: Path) -> Path:
@@ -70,20 +68,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="avatar-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.workdir)
     results = []
     for case in args.cases:
         if case == "long180":
             results.append(_run_case(case, _long_subject(work), work, args))
         else:
             results.append(_run_case(Path(case).name, Path(case), work, args))
-    print(json.dumps({
-        "benchmark": "train",
-        "machine": machine(),
-        "python": platform.python_version(),
-        "results": results,
-    }, indent=2))
+    print_report("train", results)
 
 
 if __name__ == "__main__":
