@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar.media import atomic_output
+from avatar.atomic import atomic_output
 
 
 def gaussian_arrays(model) -> dict[str, np.ndarray]:

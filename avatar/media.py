@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from avatar.atomic import atomic_output
 from avatar.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -223,21 +224,6 @@ def read_wav(path: Path | str) -> tuple[np.ndarray, int]:
     if channels > 1:
         data = data.reshape(-1, channels).mean(axis=1)
     return data / 32768.0, rate
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"The directory {path.parent} does not exist; create it first.")
-    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class VideoWriter:

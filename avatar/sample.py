@@ -36,7 +36,8 @@ from typing import Optional
 
 import numpy as np
 
-from avatar.media import AUDIO_RATE, VideoWriter, atomic_output, write_wav
+from avatar.atomic import atomic_output
+from avatar.media import AUDIO_RATE, VideoWriter, write_wav
 from avatar.progress import Progress, track
 
 log = logging.getLogger(__name__)

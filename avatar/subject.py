@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from avatar.atomic import atomic_output, write_json_atomic
 from avatar.errors import InputError
 
 FORMAT_VERSION = 1
@@ -152,20 +153,6 @@ class SubjectPaths:
         return self.masks_dir / f"{index:06d}.png"
 
 
-def write_json_atomic(path: Path, data: str) -> None:
-    """Write text to ``path`` through a temporary file so readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.partial{os.getpid()}")
-    tmp.write_text(data)
-    os.replace(tmp, path)
-
-
-def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez`` through a temporary file (no pickled objects: string arrays are stored as unicode)."""
-    tmp = path.with_name(f".{path.stem}.partial{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Load every array of an npz without allowing pickles."""
     with np.load(path, allow_pickle=False) as data:
@@ -277,26 +264,20 @@ class Subject:
         want = (int(np.prod(frames_shape)), int(np.prod(masks_shape)))
         have = tuple(p.stat().st_size if p.is_file() else -1 for p in (frames_path, masks_path))
         if have != want:
-            tmp_f = frames_path.with_name(frames_path.name + ".partial")
-            tmp_m = masks_path.with_name(masks_path.name + ".partial")
             resize = size != self.manifest.size
             # Written with plain sequential writes, not through a writable memmap: its dirty pages
             # count in this process's resident memory until the end (4.6 GB for 3 minutes at 512).
-            with open(tmp_f, "wb") as fw, open(tmp_m, "wb") as mw:
-                for i in track(range(t), f"cache frames at {size}px", t, progress):
-                    img, lab = self.frame(i), self.mask(i)
-                    if resize:
-                        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-                        lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
-                    if img.shape != frames_shape[1:] or lab.shape != masks_shape[1:]:
-                        raise InputError(f"frame {i} of {self.paths.root} is {img.shape[:2]}, not {size}x{size}; preprocess again.")
-                    fw.write(np.ascontiguousarray(img, np.uint8).tobytes())
-                    mw.write(np.ascontiguousarray(lab, np.uint8).tobytes())
-                for f in (fw, mw):  # on disk before the final name appears
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp_f, frames_path)
-            os.replace(tmp_m, masks_path)
+            with atomic_output(frames_path) as tmp_f, atomic_output(masks_path) as tmp_m:
+                with open(tmp_f, "wb") as fw, open(tmp_m, "wb") as mw:
+                    for i in track(range(t), f"cache frames at {size}px", t, progress):
+                        img, lab = self.frame(i), self.mask(i)
+                        if resize:
+                            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+                            lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
+                        if img.shape != frames_shape[1:] or lab.shape != masks_shape[1:]:
+                            raise InputError(f"frame {i} of {self.paths.root} is {img.shape[:2]}, not {size}x{size}; preprocess again.")
+                        fw.write(np.ascontiguousarray(img, np.uint8).tobytes())
+                        mw.write(np.ascontiguousarray(lab, np.uint8).tobytes())
         return FrameFile(frames_path, frames_shape), FrameFile(masks_path, masks_shape)
 
     def background(self) -> np.ndarray:

@@ -156,7 +156,7 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
     import json
 
     from avatar.errors import InputError
-    from avatar.subject import write_json_atomic
+    from avatar.atomic import write_json_atomic
     from avatar.train.data import SubjectData
     from avatar.train.trainer import load_model, resolve_device
 

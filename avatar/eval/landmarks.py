@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from avatar.preprocess import topology
+from avatar import topology
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from avatar.preprocess import topology
+from avatar import topology
 
 
 @dataclass

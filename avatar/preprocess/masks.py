@@ -13,7 +13,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from avatar.preprocess import topology
+from avatar import topology
 from avatar.subject import LABEL
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from avatar import __version__, media
+from avatar.atomic import atomic_output, save_npz_atomic, write_json_atomic
 from avatar.errors import InputError, OutputExistsError
 from avatar.preprocess.detect import CropConfig, DetectConfig, Detections, detect_faces, place_crop
 from avatar.preprocess.track import TrackConfig, fill_gaps, track_video
@@ -28,9 +29,7 @@ from avatar.subject import (
     SubjectManifest,
     SubjectPaths,
     load_npz,
-    save_npz_atomic,
     split_frames,
-    write_json_atomic,
     write_manifest,
 )
 
@@ -204,7 +203,7 @@ def preprocess(
         InputError: unreadable input, no face, no audio, too short.
         OutputExistsError: ``out_dir`` holds something else.
     """
-    from avatar.audio_features import feature_shape, parse_audio_feature_spec
+    from avatar.audio import feature_shape, parse_audio_feature_spec
 
     start = time.perf_counter()
     video, out = Path(video), Path(out_dir)
@@ -362,14 +361,13 @@ def preprocess(
     feat_file = work / "audio_features.npy"
 
     def do_features() -> None:
-        from avatar.audio_features import compute_audio_features
+        from avatar.audio import compute_audio_features
 
         samples, _ = media.read_wav(paths.audio)
         feats = compute_audio_features(samples, n_frames, config.fps, feature_config,
                                        device=config.device, progress=progress)
-        tmp = work / "audio_features.partial.npy"
-        np.save(tmp, feats.astype(np.float32))
-        tmp.replace(feat_file)
+        with atomic_output(feat_file) as tmp:
+            np.save(tmp, feats.astype(np.float32))
 
     run("audio_features", feat_key, [feat_file], do_features)
 

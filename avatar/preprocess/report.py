@@ -8,7 +8,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from avatar.preprocess import topology
+from avatar import topology
 
 PALETTE = np.array(
     [[0, 0, 0], [40, 90, 230], [60, 200, 80], [230, 40, 40], [240, 210, 40], [200, 80, 200]], np.uint8

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from avatar import media
-from avatar.audio_features import AudioFeatureConfig, compute_audio_features
+from avatar.audio import AudioFeatureConfig, compute_audio_features
 from avatar.errors import InputError
 from avatar.progress import Progress, null_progress, report_status
 

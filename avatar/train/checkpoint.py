@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from avatar.errors import InputError
-from avatar.subject import write_json_atomic
+from avatar.atomic import write_json_atomic
 
 CHECKPOINT_VERSION = 1
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from avatar.errors import InputError
 from avatar.models.talking_head import POSE_FEATURES
-from avatar.preprocess import topology
+from avatar import topology
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
 

@@ -31,7 +31,7 @@ from avatar.models._config import ModelConfig
 from avatar.models.gaussians import init_head
 from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
-from avatar.subject import write_json_atomic
+from avatar.atomic import write_json_atomic
 from avatar.train.checkpoint import (
     RunPaths,
     load_checkpoint,

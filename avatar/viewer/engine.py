@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avatar.audio_features import AudioFeatureConfig, compute_audio_features
+from avatar.audio import AudioFeatureConfig, compute_audio_features
 from avatar.errors import AvatarError, InputError
 from avatar.media import AUDIO_RATE, load_audio
 from avatar.models.talking_head import FrameCondition

@@ -136,7 +136,7 @@ def test_lmd_value_scales_to_512_and_skips_missing() -> None:
     pred = lm.copy()
     # Move the outer lip loop up by 2 px and the inner loop down by 2 px: after centring each
     # landmark is 2 px off.
-    from avatar.preprocess import topology
+    from avatar import topology
 
     pred[:, list(topology.LIPS_OUTER), 1] -= 2.0
     pred[:, list(topology.LIPS_INNER), 1] += 2.0

@@ -46,7 +46,7 @@ def test_label_map_parts():
     person[10:, 20:108] = True
     lm = np.zeros((478, 3), np.float32)
     # a circle of landmarks as the face oval, a small mouth inside it
-    from avatar.preprocess import topology
+    from avatar import topology
 
     ang = np.linspace(0, 2 * np.pi, len(topology.FACE_OVAL), endpoint=False)
     lm[list(topology.FACE_OVAL), 0] = 64 + 25 * np.sin(ang)

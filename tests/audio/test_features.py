@@ -1,4 +1,4 @@
-"""Tests for avatar.audio_features: shapes, alignment, padding, and the transformers loading path.
+"""Tests for avatar.audio: shapes, alignment, padding, and the transformers loading path.
 
 The hubert/wav2vec2 tests build tiny randomly initialised models from a config and save them to a
 temporary directory, so the real ``from_pretrained(local_files_only=True)`` code runs without a
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatar.audio_features import (
+from avatar.audio import (
     AudioFeatureConfig,
     compute_audio_features,
     feature_shape,
