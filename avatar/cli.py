@@ -82,6 +82,11 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+SUBJECT_OPTION = click.option(
+    "--subject", type=click.Path(path_type=Path), default=None,
+    help="The run's subject directory, when it has moved since training.")
+
+
 @main.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Directory to write sample.mp4, sample.wav and sample_truth.npz.")
@@ -153,8 +158,10 @@ def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: f
 def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | None, device: str,
           resume: bool, no_eval: bool, assignments: tuple[str, ...]) -> None:
     """Train a talking-head avatar on a preprocessed SUBJECT."""
-    from avatar.train.trainer import parse_assignments
-    from avatar.train.trainer import train as run_train
+    from avatar.configs import parse_assignments
+    from avatar.eval import evaluate_run
+    from avatar.run import RunPaths
+    from avatar.train import train as run_train
 
     try:
         overrides = parse_assignments(assignments)
@@ -165,12 +172,13 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
     progress = ConsoleProgress()
     try:
         result = run_train(subject, run_dir, preset=preset, overrides=overrides or None, device=device,
-                           resume=resume, evaluate=not no_eval, progress=progress)
+                           resume=resume, progress=progress)
+        m = None if no_eval else evaluate_run(run_dir, "val", RunPaths(run_dir).metrics, device=device,
+                                               progress=progress, extra={**result.summary(), "preset": preset})
     finally:
         progress.close()
     click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
                f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
-    m = result.metrics
     if m:
         parts = [f"PSNR {m['psnr']:.2f} dB"]
         if m.get("psnr_head") is not None:
@@ -191,15 +199,16 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
 @click.option("--size", type=int, default=None, help="Output resolution (default: the training one).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch", type=int, default=8, show_default=True, help="Frames deformed together.")
+@SUBJECT_OPTION
 def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, size: int | None,
-           device: str, batch: int) -> None:
+           device: str, batch: int, subject: Path | None) -> None:
     """Render the avatar of RUN saying new speech into an mp4."""
-    from avatar.render.speech import RenderOptions, render_speech
+    from avatar.speak import RenderOptions, render_speech
 
     progress = ConsoleProgress()
     try:
         summary = render_speech(run_dir, speech, output, RenderOptions(
-            pose=pose, blink=blink, size=size, device=device, batch=batch), progress)
+            pose=pose, blink=blink, size=size, device=device, batch=batch, subject=subject), progress)
     finally:
         progress.close()
     click.echo(f"Wrote {summary.output}: {summary.n_frames} frames ({summary.duration_s:.1f} s) at "
@@ -213,16 +222,18 @@ def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, siz
 @click.option("--video", type=click.Path(path_type=Path), default=None,
               help="Side-by-side GT | render mp4 (default: RUN/eval_SPLIT.mp4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | None, device: str) -> None:
+@SUBJECT_OPTION
+def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | None, device: str,
+             subject: Path | None) -> None:
     """Re-render a split of the subject and compare with the ground truth."""
     import json
 
-    from avatar.eval.evaluate import evaluate_run
+    from avatar.eval import evaluate_run
 
     progress = ConsoleProgress()
     video = video or Path(run_dir) / f"eval_{split}.mp4"
     try:
-        metrics = evaluate_run(run_dir, split, json_path, video, device, progress)
+        metrics = evaluate_run(run_dir, split, json_path, video, device, progress, subject=subject)
     finally:
         progress.close()
     click.echo(json.dumps(metrics, indent=2))
@@ -271,7 +282,9 @@ def demo(out_dir: Path, iters: int | None, device: str) -> None:
               help="Speech to start with (any audio or video file); the subject's own audio is offered too.")
 @click.option("--size", type=int, default=None, help="Side of the rendered frames in pixels [default: training resolution].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def view(run_dir: Path, host: str, port: int, audio: Path | None, size: int | None, device: str) -> None:
+@SUBJECT_OPTION
+def view(run_dir: Path, host: str, port: int, audio: Path | None, size: int | None, device: str,
+         subject: Path | None) -> None:
     """Watch and hear a trained RUN talk in the browser, with a movable camera."""
     from avatar.viewer import serve
 
@@ -282,7 +295,8 @@ def view(run_dir: Path, host: str, port: int, audio: Path | None, size: int | No
         click.echo(f"Viewer of {run_dir} at {url}  (Ctrl-C to stop)")
 
     try:
-        serve(run_dir, host=host, port=port, audio=audio, size=size, device=device, ready=ready, progress=progress)
+        serve(run_dir, host=host, port=port, audio=audio, size=size, device=device, ready=ready, progress=progress,
+              subject=subject)
     finally:
         progress.close()
     click.echo("Viewer stopped.")

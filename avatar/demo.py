@@ -40,12 +40,12 @@ class DemoResult:
 
 def run_demo(out_dir: Path | str, config: DemoConfig = DemoConfig(), progress: Optional[Progress] = None) -> DemoResult:
     """Run the whole pipeline on the synthetic sample into ``out_dir`` (resumes finished steps)."""
-    from avatar.eval.evaluate import evaluate_run
+    from avatar.eval import evaluate_run
     from avatar.preprocess.pipeline import PreprocessConfig, preprocess
-    from avatar.render.speech import RenderOptions, render_speech
+    from avatar.run import RunPaths
     from avatar.sample import SampleConfig, make_sample
-    from avatar.train.checkpoint import RunPaths
-    from avatar.train.trainer import load_config, train
+    from avatar.speak import RenderOptions, render_speech
+    from avatar.train import load_config, train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,10 +70,10 @@ def run_demo(out_dir: Path | str, config: DemoConfig = DemoConfig(), progress: O
         done = paths.latest_checkpoint() or 0
         if done < load_config(run).iterations:
             timed("train", lambda: train(subject, run, resume=True, overrides=overrides, device=config.device,
-                                         evaluate=False, progress=progress))
+                                         progress=progress))
     else:
         timed("train", lambda: train(subject, run, preset=config.preset, overrides=overrides, device=config.device,
-                                     evaluate=False, progress=progress))
+                                     progress=progress))
     video = out / "avatar_says_new_speech.mp4"
     timed("render", lambda: render_speech(run, speech.audio, video, RenderOptions(device=config.device), progress))
     metrics_json = out / "metrics.json"

@@ -11,22 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from avatar.atomic import atomic_output
-
-
-def gaussian_arrays(model) -> dict[str, np.ndarray]:
-    """The canonical face + mouth Gaussians of a TalkingHead as numpy arrays."""
-    sets = (model.face, model.mouth)
-    with torch.no_grad():
-        return {
-            "means": torch.cat([g.means for g in sets]).cpu().numpy(),
-            "sh": torch.cat([g.sh for g in sets]).cpu().numpy(),
-            "opacity_logits": torch.cat([g.opacity_logits for g in sets]).cpu().numpy(),
-            "log_scales": torch.cat([g.log_scales for g in sets]).cpu().numpy(),
-            "quats": torch.nn.functional.normalize(torch.cat([g.quats for g in sets]), dim=-1).cpu().numpy(),
-        }
+from avatar.errors import InputError
+from avatar.run import load_avatar
 
 
 def ply_fields(n_sh: int) -> list[str]:
@@ -67,14 +55,17 @@ def read_ply(path: Path | str) -> dict[str, np.ndarray]:
 
 
 def export_run(run_dir: Path | str, output: Path | str) -> tuple[Path, int]:
-    """Write the run's canonical Gaussians to ``output`` (.ply); returns (path, count)."""
-    from avatar.errors import InputError
-    from avatar.train.trainer import load_model
+    """Write the run's canonical Gaussians to ``output`` (.ply); returns (path, count).
 
+    Raises:
+        AvatarError: not a run, a bad output name, or a model kind without Gaussians.
+    """
     output = Path(output)
     if output.suffix.lower() != ".ply":
         raise InputError(f"{output} should end in .ply.")
-    _, model, _ = load_model(run_dir, "cpu")
-    arrays = gaussian_arrays(model)
+    avatar = load_avatar(run_dir, "cpu", need_subject=False)
+    arrays = avatar.model.canonical_gaussians()
+    if arrays is None:
+        raise InputError(f"{run_dir} is a {avatar.kind} avatar, which has no Gaussians to export.")
     write_ply(output, **arrays)
     return output, len(arrays["means"])

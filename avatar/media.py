@@ -8,9 +8,7 @@ renamed when complete, so an interrupted run never leaves a half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import subprocess
 import wave

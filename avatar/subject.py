@@ -19,7 +19,6 @@ read. Layout (see ARCHITECTURE.md)::
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -29,7 +29,7 @@ def correct_pose(model, data, index: int, steps: int, lr: float = 2e-3) -> dict:
     r = data.resolution
     with torch.no_grad():
         cond = model.conditions(data.audio_features, torch.tensor([index], device=data.device),
-                                frame.eye[None], smooth=True)[0]
+                                frame.motion[None], smooth=True)[0]
     rot = torch.zeros(3, requires_grad=True)
     shift = torch.zeros(3, requires_grad=True)
     opt = torch.optim.Adam([rot, shift], lr=lr)
@@ -55,8 +55,8 @@ def correct_pose(model, data, index: int, steps: int, lr: float = 2e-3) -> dict:
 
 
 def main() -> None:
-    from avatar.train.data import SubjectData
-    from avatar.train.trainer import load_model
+    from avatar.subject_data import SubjectData
+    from avatar.run import load_avatar
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
@@ -64,10 +64,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1, help="Use every N-th frame of the split.")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    config, model, step = load_model(args.run, "cpu")
+    avatar = load_avatar(args.run, "cpu")
+    model, step = avatar.model, avatar.step
     for p in model.parameters():
         p.requires_grad_(False)
-    data = SubjectData(config.subject, config.resolution, config.model.eye_features, "cpu")
+    data = SubjectData(avatar.subject_dir, avatar.resolution, model.motion_features, "cpu")
     frames = [correct_pose(model, data, int(i), args.steps) for i in data.split(args.split)[::args.every]]
 
     def pooled_psnr(key: str) -> float:

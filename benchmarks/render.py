@@ -26,7 +26,7 @@ from _common import work_dir
 def main() -> None:
     from avatar import media
     from avatar.eval.landmarks import MouthTracker, audio_envelope, inner_lip_opening, lip_sync_correlation
-    from avatar.render.speech import RenderOptions, render_speech
+    from avatar.speak import RenderOptions, render_speech
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)

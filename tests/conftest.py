@@ -89,9 +89,9 @@ def tiny_train(iterations: int) -> dict:
 @pytest.fixture(scope="session")
 def tiny_run(small_subject, tmp_path_factory):
     """A run trained for 6 iterations on the small subject (render, eval, export, viewer tests)."""
-    from avatar.train.trainer import train
+    from avatar.train import train
 
     _, subject = small_subject
     run = tmp_path_factory.mktemp("tiny_run") / "run"
-    train(subject, run, overrides=tiny_train(6), device="cpu", evaluate=False)
+    train(subject, run, overrides=tiny_train(6), device="cpu")
     return run

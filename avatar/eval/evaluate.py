@@ -11,6 +11,7 @@ the render is wrong, not only how much.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import tempfile
 import time
@@ -20,30 +21,38 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from avatar import media
+from avatar.atomic import write_json_atomic
+from avatar.errors import InputError
 from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
-from avatar.eval.metrics import RegionErrors, lpips_or_none, psnr, ssim
+from avatar.image_metrics import RegionErrors, lpips_or_none, psnr, ssim
+from avatar.models import AvatarModel, FrameCondition
 from avatar.progress import Progress, track
+from avatar.run import load_avatar, resolve_device
+from avatar.speak import SpeechDriver
 from avatar.subject import MASK_LEGEND
+from avatar.subject_data import SubjectData
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def render_split(model, data, indices: np.ndarray, progress: Optional[Progress] = None,
+def render_split(model: AvatarModel, data: SubjectData, indices: np.ndarray, progress: Optional[Progress] = None,
                  step_name: str = "evaluate"):
     """Yield (index, rendered uint8 [H, W, 3], frame) for each index, rendering with its true condition."""
     r = data.resolution
+    driver = SpeechDriver(model, data)
     for i in track(indices, step_name, len(indices), progress):
         frame = data.frame(int(i))
-        idx = torch.tensor([int(i)], device=data.device)
-        cond = model.conditions(data.audio_features, idx, frame.eye[None], smooth=True)[0]
-        out = model.render(cond, frame.viewmat, frame.K, r, r, frame.background)
+        cond = driver.subject_condition([int(i)])
+        out = model.render(FrameCondition(cond.audio[0], cond.motion[0]), frame.viewmat, frame.K, r, r,
+                           frame.background)
         yield int(i), (out["rgb"].clamp(0, 1) * 255).round().byte().cpu().numpy(), frame
 
 
-def evaluate_model(model, data, split: str = "val", progress: Optional[Progress] = None,
+def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", progress: Optional[Progress] = None,
                    landmarks: bool = True, video: Optional[Path] = None) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` of ``data`` (an :class:`avatar.train.data.SubjectData`).
+    """Metrics of ``model`` on ``split`` of ``data`` (an :class:`avatar.subject_data.SubjectData`).
 
     With ``video``, also writes GT | render side by side as an mp4 with the split's audio.
     """
@@ -116,8 +125,6 @@ class _SideBySide:
     """A VideoWriter whose audio (the split's slice of the subject audio) lives in a temp dir."""
 
     def __init__(self, path: Path, fps: float, audio: np.ndarray):
-        from avatar import media
-
         self._tmp = tempfile.TemporaryDirectory(prefix="avatar-eval-")
         wav = media.write_wav(Path(self._tmp.name) / "split.wav", audio)
         self._writer = media.VideoWriter(path, fps=fps, audio=wav)
@@ -137,8 +144,6 @@ class _SideBySide:
 
 
 def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
-    from avatar import media
-
     samples, rate = media.read_wav(data.subject.paths.audio)
     fps = data.subject.manifest.fps
     a, b = int(round(indices[0] / fps * rate)), int(round((indices[-1] + 1) / fps * rate))
@@ -147,29 +152,28 @@ def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
 
 def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Path | str] = None,
                  video_path: Optional[Path | str] = None, device: str = "auto",
-                 progress: Optional[Progress] = None) -> dict[str, Any]:
+                 progress: Optional[Progress] = None, subject: Optional[Path | str] = None,
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Evaluate a run on a split of its subject; optionally write the JSON and a GT | render video.
 
+    Args:
+        subject: the run's subject directory, when it has moved since training.
+        extra: facts recorded with the metrics (e.g. the training time, from the caller that trained).
+
     Raises:
-        AvatarError: bad run directory, unknown split, output directory missing.
+        AvatarError: bad run directory, unknown split, output directory missing, subject not found.
     """
-    import json
-
-    from avatar.errors import InputError
-    from avatar.atomic import write_json_atomic
-    from avatar.train.data import SubjectData
-    from avatar.train.trainer import load_model, resolve_device
-
     for out in (json_path, video_path):
         if out is not None and not Path(out).parent.is_dir():
             raise InputError(f"The directory {Path(out).parent} does not exist; create it first.")
-    dev = resolve_device(device)
-    config, model, step = load_model(run_dir, str(dev))
-    data = SubjectData(config.subject, config.resolution, config.model.eye_features, dev, progress)
     if split not in ("train", "val", "all"):
         raise InputError(f"--split must be train, val or all, got {split!r}.")
-    metrics = evaluate_model(model, data, split, progress, video=Path(video_path) if video_path else None)
-    metrics["step"] = step
+    avatar = load_avatar(run_dir, device, subject=subject)
+    data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features, resolve_device(device),
+                       progress)
+    metrics = evaluate_model(avatar.model, data, split, progress, video=Path(video_path) if video_path else None)
+    metrics.update(extra or {})
+    metrics["step"] = avatar.step
     if json_path is not None:
         write_json_atomic(Path(json_path), json.dumps(metrics, indent=2))
     return metrics

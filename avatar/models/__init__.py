@@ -1,4 +1,4 @@
-"""The avatar's learned parts: encodings, audio conditioning and deformation networks.
+"""The avatar kinds and their learned parts: encodings, audio conditioning and deformation networks.
 
 Pure PyTorch; devices and dtypes follow the inputs. Each component has a ``@dataclass`` config
 (JSON-serialisable with ``dataclasses.asdict``, rebuilt with ``Config.from_dict``) whose
@@ -22,9 +22,20 @@ from avatar.models.deformation import (
     quaternion_multiply,
 )
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
+from avatar.models.interface import AvatarModel, FrameCondition
+from avatar.models.talking_head import TalkingHead, TalkingHeadConfig
+
+MODEL_KINDS: dict[str, tuple[type, type]] = {"gaussian": (TalkingHeadConfig, TalkingHead)}
+"""Each avatar kind's (config class, model class). The model class has
+``from_state_dict(config, tensors)`` and implements :class:`AvatarModel`."""
 
 __all__ = [
+    "MODEL_KINDS",
     "AudioAttention",
+    "AvatarModel",
+    "FrameCondition",
+    "TalkingHead",
+    "TalkingHeadConfig",
     "AudioConditioner",
     "AudioEncoder",
     "AudioEncoderConfig",

@@ -16,11 +16,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from avatar.models._config import ModelConfig
+from avatar.configs import Config
 
 
 @dataclass
-class AudioEncoderConfig(ModelConfig):
+class AudioEncoderConfig(Config):
     """Options of :class:`AudioEncoder`, :class:`AudioAttention` and :class:`AudioConditioner`.
 
     Set ``window`` and ``dim`` from the subject's ``audio_features.shape[1:]``; the defaults fit

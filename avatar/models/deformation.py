@@ -4,9 +4,9 @@ TalkingGaussian's idea: keep one structure-persistent canonical set of Gaussians
 never re-colour it, so appearance stays consistent across frames. Two branches:
 
 - :class:`FaceDeformation` moves the face Gaussians (position, rotation, scale) from a tri-plane
-  encoding of their canonical position and a condition made of an audio code and an eye /
+  encoding of their canonical position and a condition made of an audio code and a motion /
   expression vector, mixed per Gaussian by *region attention*: each Gaussian's spatial feature
-  decides how much it listens to audio (lips, jaw) versus the eye condition (eyelids, brows).
+  decides how much it listens to audio (lips, jaw) versus the motion condition (eyelids, brows, head rotation).
 - :class:`MouthDeformation` translates the mouth-interior Gaussians (teeth, tongue) from their
   own, smaller tri-plane encoding and the audio code.
 
@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from avatar.models._config import ModelConfig
+from avatar.configs import Config
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
 
 
@@ -49,7 +49,7 @@ def _check_layers(owner: str, n_layers: int) -> None:
 
 
 @dataclass
-class FaceDeformationConfig(ModelConfig):
+class FaceDeformationConfig(Config):
     """Options of :class:`FaceDeformation`."""
 
     encoding: TriPlaneConfig = field(default_factory=TriPlaneConfig)
@@ -59,8 +59,8 @@ class FaceDeformationConfig(ModelConfig):
     audio_dim: int = 32
     """C_a, size of the audio code (:attr:`AudioEncoderConfig.code_dim`)."""
 
-    eye_dim: int = 5
-    """C_e, size of the eye/expression condition: by default the blink track and four
+    motion_dim: int = 5
+    """C_e, size of the motion condition (non-audio tracks): by default the blink track and four
     expression coefficients."""
 
     hidden: int = 64
@@ -79,7 +79,7 @@ class FaceDeformationConfig(ModelConfig):
                 f"{type(self.encoding).__name__}"
             )
         _check_positive(
-            "FaceDeformationConfig", audio_dim=self.audio_dim, eye_dim=self.eye_dim, hidden=self.hidden
+            "FaceDeformationConfig", audio_dim=self.audio_dim, motion_dim=self.motion_dim, hidden=self.hidden
         )
         _check_layers("FaceDeformationConfig", self.n_layers)
 
@@ -88,7 +88,7 @@ class FaceDeformationConfig(ModelConfig):
 
 
 @dataclass
-class MouthDeformationConfig(ModelConfig):
+class MouthDeformationConfig(Config):
     """Options of :class:`MouthDeformation`.
 
     Smaller than the face branch: the mouth interior is a few hundred to a few thousand
@@ -139,7 +139,7 @@ class FaceDeformationOutput(NamedTuple):
     """Log-scale offsets. [..., N, 3]"""
 
     attention: Tensor
-    """Region attention weights (audio, eye) per Gaussian, rows summing to 1. [N, 2]"""
+    """Region attention weights (audio, motion) per Gaussian, rows summing to 1. [N, 2]"""
 
 
 def _mlp_tail(hidden: int, n_layers: int, out_dim: int) -> tuple[nn.Sequential, nn.Linear]:
@@ -169,14 +169,14 @@ def _check_positions(owner: str, positions: Tensor) -> None:
 
 
 class FaceDeformation(nn.Module):
-    """Face branch: ``(positions [N, 3], audio [C_a], eye [C_e]) -> offsets of N Gaussians``.
+    """Face branch: ``(positions [N, 3], audio [C_a], motion [C_e]) -> offsets of N Gaussians``.
 
     Per Gaussian, with ``f`` its tri-plane feature:
 
-    - region attention ``a = softmax(Linear(f))`` ``[N, 2]``: how much it follows audio vs eyes
+    - region attention ``a = softmax(Linear(f))`` ``[N, 2]``: how much it follows audio vs the motion tracks
       (a linear read-out suffices because ``f`` itself is learned per region);
-    - fusion ``h = relu(W_f f + a_0 P_a(audio) + a_1 P_e(eye) + b)``: this is a linear layer on
-      ``concat(f, a_0 P_a(audio), a_1 P_e(eye))`` with the condition's share computed once per
+    - fusion ``h = relu(W_f f + a_0 P_a(audio) + a_1 P_e(motion) + b)``: this is a linear layer on
+      ``concat(f, a_0 P_a(audio), a_1 P_e(motion))`` with the condition's share computed once per
       frame instead of once per Gaussian (the projections are applied to one vector, not N);
     - an MLP to 10 outputs: ``d_xyz`` (3, box units), ``d_rot`` (4), ``d_scale`` (3).
 
@@ -190,9 +190,9 @@ class FaceDeformation(nn.Module):
         self.encoding = TriPlaneEncoding(config.encoding)
         feat = self.encoding.out_dim
         self.region = nn.Linear(feat, 2)
-        nn.init.zeros_(self.region.bias)  # start unbiased between audio and eyes
+        nn.init.zeros_(self.region.bias)  # start unbiased between audio and motion tracks
         self.audio_proj = nn.Linear(config.audio_dim, config.hidden)
-        self.eye_proj = nn.Linear(config.eye_dim, config.hidden)
+        self.motion_proj = nn.Linear(config.motion_dim, config.hidden)
         self.fuse = nn.Linear(feat, config.hidden)
         self.mlp, self.out = _mlp_tail(config.hidden, config.n_layers, 10)
 
@@ -200,14 +200,14 @@ class FaceDeformation(nn.Module):
         self,
         positions: Tensor,  # [N, 3]
         audio: Tensor,  # [C_a] | [B, C_a]
-        eye: Tensor,  # [C_e] | [B, C_e]
+        motion: Tensor,  # [C_e] | [B, C_e]
     ) -> FaceDeformationOutput:
         """Offsets of the face Gaussians for one frame's (or B frames') condition.
 
         Args:
             positions: canonical Gaussian centres, world units. [N, 3]
             audio: audio code of the frame. [C_a] or [B, C_a]
-            eye: eye/expression condition of the frame, same batch dims as ``audio``.
+            motion: non-audio condition of the frame (blinks, brows, head rotation), same batch dims as ``audio``.
                 [C_e] or [B, C_e]
 
         Returns:
@@ -220,17 +220,17 @@ class FaceDeformation(nn.Module):
         name, c = type(self).__name__, self.config
         _check_positions(name, positions)
         _check_condition(name, "audio", audio, c.audio_dim)
-        _check_condition(name, "eye", eye, c.eye_dim)
-        if audio.shape[:-1] != eye.shape[:-1]:
+        _check_condition(name, "motion", motion, c.motion_dim)
+        if audio.shape[:-1] != motion.shape[:-1]:
             raise ValueError(
-                f"{name}: expected audio and eye with the same batch dims, got {tuple(audio.shape)} "
-                f"and {tuple(eye.shape)}"
+                f"{name}: expected audio and motion with the same batch dims, got {tuple(audio.shape)} "
+                f"and {tuple(motion.shape)}"
             )
         feat = self.encoding(positions)  # [N, E]
         attention = torch.softmax(self.region(feat), dim=-1)  # [N, 2]
         audio_h = self.audio_proj(audio)[..., None, :]  # [..., 1, H]
-        eye_h = self.eye_proj(eye)[..., None, :]  # [..., 1, H]
-        h = self.fuse(feat) + attention[:, 0:1] * audio_h + attention[:, 1:2] * eye_h  # [..., N, H]
+        motion_h = self.motion_proj(motion)[..., None, :]  # [..., 1, H]
+        h = self.fuse(feat) + attention[:, 0:1] * audio_h + attention[:, 1:2] * motion_h  # [..., N, H]
         out = self.out(self.mlp(h))  # [..., N, 10]
         d_xyz = out[..., 0:3] * self.encoding.box(out)[1]
         return FaceDeformationOutput(d_xyz, out[..., 3:7], out[..., 7:10], attention)

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from avatar.models._config import ModelConfig
+from avatar.configs import Config
 
 COMBINE_MODES = ("concat", "sum")
 """Valid values of :attr:`TriPlaneConfig.combine`."""
@@ -43,7 +43,7 @@ _CORNER_DY = (0, 0, 1, 1)
 
 
 @dataclass
-class TriPlaneConfig(ModelConfig):
+class TriPlaneConfig(Config):
     """Options of :class:`TriPlaneEncoding`.
 
     The defaults are sized for the CPU: 8 levels x 2 features x 3 planes = 48 output channels and

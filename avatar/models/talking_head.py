@@ -1,7 +1,7 @@
 """The talking Gaussian head: canonical face and mouth Gaussians, their deformations, and the
 layered rendering that composites them over the subject's torso and background.
 
-Per frame, a condition (audio code of the frames around t, eye tracks) deforms two canonical
+Per frame, a condition (audio code of the frames around t, motion tracks: blinks, brows, head rotation) deforms two canonical
 sets: the face branch (position, rotation, scale offsets) and the inside of the mouth
 (translation only). They are rendered as separate layers and composited front to back: face over
 mouth, so lips and cheeks hide the teeth unless the face layer opens; the head over the frame's
@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from avatar.models._config import ModelConfig
+from avatar.configs import Config
 from avatar.models.audio import AudioConditioner, AudioEncoderConfig
 from avatar.models.deformation import (
     FaceDeformationConfig,
     MouthDeformationConfig,
     apply_deformation,
 )
+from avatar.models.interface import FrameCondition
 from avatar.models.gaussians import GaussianInitConfig, GaussianSet, HeadInit, gaussian_set_from_points
 from avatar.render import rasterize
 
@@ -37,15 +39,15 @@ so a new utterance's lips come from its audio alone)."""
 POSE_FEATURES = ("head_rot_x", "head_rot_y", "head_rot_z")
 """Head rotation relative to the camera (so to gravity), as condition tracks: hair hangs and
 swings with it. Derived from the pose track, not from the image (see
-:func:`avatar.train.data.head_rotation_features`)."""
+:func:`avatar.subject_data.head_rotation_features`)."""
 
-CONDITION_FEATURES = EYE_FEATURES + POSE_FEATURES
+MOTION_FEATURES = EYE_FEATURES + POSE_FEATURES
 """The default non-audio condition of the face branch. The head rotation raised katie's val PSNR
 by 0.7 and 0.4 dB in two seeds (benchmarks/RESULTS.md, Training): the hair's deformation follows it."""
 
 
 @dataclass
-class TalkingHeadConfig(ModelConfig):
+class TalkingHeadConfig(Config):
     """Everything needed to rebuild a :class:`TalkingHead` (saved in RUN/config.json)."""
 
     init: GaussianInitConfig = field(default_factory=GaussianInitConfig)
@@ -54,13 +56,26 @@ class TalkingHeadConfig(ModelConfig):
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     face: FaceDeformationConfig = field(default_factory=FaceDeformationConfig)
     mouth: MouthDeformationConfig = field(default_factory=MouthDeformationConfig)
-    eye_features: tuple[str, ...] = CONDITION_FEATURES
+    motion_features: tuple[str, ...] = MOTION_FEATURES
     """Names of the non-audio condition tracks: blendshapes of the subject, or ``POSE_FEATURES``."""
     box_margin: float = 0.25
     """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
 
     def setup(self) -> "TalkingHead":
         return TalkingHead(self, n_face=1, n_mouth=1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TalkingHeadConfig":
+        """As :meth:`Config.from_dict`; runs trained before the motion condition had its name
+        (``eye_features``, ``face.eye_dim``) keep loading."""
+        data = dict(data)
+        if "eye_features" in data:
+            data["motion_features"] = data.pop("eye_features")
+        if isinstance(data.get("face"), Mapping) and "eye_dim" in data["face"]:
+            face = dict(data["face"])
+            face["motion_dim"] = face.pop("eye_dim")
+            data["face"] = face
+        return super().from_dict(data)
 
 
 def fit_boxes(config: TalkingHeadConfig, init: HeadInit) -> TalkingHeadConfig:
@@ -75,20 +90,10 @@ def fit_boxes(config: TalkingHeadConfig, init: HeadInit) -> TalkingHeadConfig:
     fc, fh = box(init.face_points)
     mc, mh = box(init.mouth_points)
     face = dataclasses.replace(config.face, encoding=dataclasses.replace(config.face.encoding, center=fc, half_extent=fh),
-                               eye_dim=len(config.eye_features), audio_dim=config.audio.code_dim)
+                               motion_dim=len(config.motion_features), audio_dim=config.audio.code_dim)
     mouth = dataclasses.replace(config.mouth, encoding=dataclasses.replace(config.mouth.encoding, center=mc, half_extent=mh),
                                 audio_dim=config.audio.code_dim)
     return dataclasses.replace(config, face=face, mouth=mouth)
-
-
-@dataclass
-class FrameCondition:
-    """What drives one frame: its audio code and eye condition."""
-
-    audio: Tensor
-    """[C_a] smoothed audio code."""
-    eye: Tensor
-    """[C_e] non-audio condition: eye/brow tracks in 0..1, head rotation (``eye_features``)."""
 
 
 @dataclass
@@ -112,7 +117,13 @@ class LayerGaussians:
 
 
 class TalkingHead(nn.Module):
-    """Canonical Gaussians + audio conditioning + face and mouth deformation networks."""
+    """Canonical Gaussians + audio conditioning + face and mouth deformation networks.
+
+    Implements :class:`avatar.models.interface.AvatarModel` (kind ``gaussian``).
+    """
+
+    kind = "gaussian"
+    layers = ("mouth", "face")
 
     def __init__(self, config: TalkingHeadConfig, n_face: int, n_mouth: int):
         super().__init__()
@@ -137,17 +148,47 @@ class TalkingHead(nn.Module):
     @classmethod
     def from_state_dict(cls, config: TalkingHeadConfig, state: dict[str, Tensor]) -> "TalkingHead":
         """Rebuild from a checkpoint: Gaussian counts are read off the tensors' shapes."""
+        state = {k.replace("face_deform.eye_proj.", "face_deform.motion_proj."): v for k, v in state.items()}
         model = cls(config, n_face=state["face.means"].shape[0], n_mouth=state["mouth.means"].shape[0])
         model.load_state_dict(state)
         return model
 
+    @property
+    def motion_features(self) -> tuple[str, ...]:
+        return tuple(self.config.motion_features)
+
+    def audio_codes(self, features: Tensor, indices: Tensor, smooth: bool = True) -> Tensor:
+        return self.audio(features, indices, smooth=smooth)[0]
+
+    def head_center(self) -> Tensor:
+        return self.face.means.detach().mean(dim=0)
+
+    def layer_points(self, cond: FrameCondition) -> dict[str, Tensor]:
+        face, mouth = self.deform(cond)
+        return {"face": face.means, "mouth": mouth.means}
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_gaussians": {"face": len(self.face), "mouth": len(self.mouth)}}
+
+    def canonical_gaussians(self) -> dict[str, np.ndarray]:
+        """Face and mouth-interior Gaussians together, undeformed (the neutral head)."""
+        sets = (self.face, self.mouth)
+        with torch.no_grad():
+            return {
+                "means": torch.cat([g.means for g in sets]).cpu().numpy(),
+                "sh": torch.cat([g.sh for g in sets]).cpu().numpy(),
+                "opacity_logits": torch.cat([g.opacity_logits for g in sets]).cpu().numpy(),
+                "log_scales": torch.cat([g.log_scales for g in sets]).cpu().numpy(),
+                "quats": torch.nn.functional.normalize(torch.cat([g.quats for g in sets]), dim=-1).cpu().numpy(),
+            }
+
     def network_parameters(self) -> list[nn.Parameter]:
         return [*self.audio.parameters(), *self.face_deform.parameters(), *self.mouth_deform.parameters()]
 
-    def conditions(self, features: Tensor, indices: Tensor, eye: Tensor, smooth: bool = True) -> list[FrameCondition]:
-        """Conditions of B frames from the sequence's audio features [T, W, D] and eye tracks [B, E]."""
+    def conditions(self, features: Tensor, indices: Tensor, motion: Tensor, smooth: bool = True) -> list[FrameCondition]:
+        """Conditions of B frames from the sequence's audio features [T, W, D] and motion tracks [B, E]."""
         codes, _ = self.audio(features, indices, smooth=smooth)
-        return [FrameCondition(codes[b], eye[b]) for b in range(len(indices))]
+        return [FrameCondition(codes[b], motion[b]) for b in range(len(indices))]
 
     def _colors(self, gaussians: GaussianSet) -> Tensor:
         if self.config.sh_degree == 0:
@@ -161,7 +202,7 @@ class TalkingHead(nn.Module):
             f_means, f_quats, f_logs = face.means, face.quats, face.log_scales
             m_means = mouth.means
         else:
-            out = self.face_deform(face.means, cond.audio, cond.eye)
+            out = self.face_deform(face.means, cond.audio, cond.motion)
             f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
                                                          out.d_xyz, out.d_rot, out.d_scale)
             m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
@@ -171,7 +212,7 @@ class TalkingHead(nn.Module):
 
     def render_many(
         self,
-        cond: FrameCondition,  # audio [B, C_a], eye [B, C_e]
+        cond: FrameCondition,  # audio [B, C_a], motion [B, C_e]
         viewmats: Tensor,  # [B, 4, 4]
         K: Tensor,  # [3, 3]
         width: int,
@@ -201,7 +242,7 @@ class TalkingHead(nn.Module):
         height: int,
         background: Optional[Tensor] = None,  # [H, W, 3]
         backend: str = "auto",
-        layers: tuple[str, ...] = ("face", "mouth"),
+        layers: Optional[tuple[str, ...]] = None,
     ) -> dict[str, Any]:
         """Render one frame.
 
@@ -210,7 +251,8 @@ class TalkingHead(nn.Module):
         (the rasterizer's, for densification).
         """
         face_layer, mouth_layer = self.deform(cond)
-        return self._composite(face_layer, mouth_layer, viewmat, K, width, height, background, backend, layers)
+        return self._composite(face_layer, mouth_layer, viewmat, K, width, height, background, backend,
+                               self.layers if layers is None else layers)
 
     def _composite(self, face_layer: "LayerGaussians", mouth_layer: "LayerGaussians", viewmat: Tensor, K: Tensor,
                    width: int, height: int, background: Optional[Tensor], backend: str,

@@ -1,0 +1,5 @@
+"""Training a talking head on a subject: the trainer, its losses, densification strategy and ops."""
+
+from avatar.train.trainer import TrainConfig, TrainResult, load_config, make_config, train
+
+__all__ = ["TrainConfig", "TrainResult", "load_config", "make_config", "train"]

@@ -13,43 +13,48 @@ Only train-split frames are sampled; the validation split is never seen.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from avatar.configs import preset_overrides
+from avatar.configs import Config, merge, preset_overrides
 from avatar.errors import AvatarError, OutputExistsError
-from avatar.models._config import ModelConfig
+from avatar.image_metrics import lpips_network
+from avatar.models import FrameCondition, TalkingHead, TalkingHeadConfig
 from avatar.models.gaussians import init_head
-from avatar.models.talking_head import FrameCondition, TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
-from avatar.atomic import write_json_atomic
-from avatar.train.checkpoint import (
+from avatar.run import (
+    RUN_FORMAT_VERSION,
     RunPaths,
+    find_subject,
     load_checkpoint,
     model_state,
     optimizer_state,
+    read_config,
+    resolve_device,
     save_checkpoint,
+    subject_reference,
+    write_config,
 )
-from avatar.train.data import Frame, SubjectData
+from avatar.subject import read_manifest
+from avatar.subject_data import HEAD_LABELS, Frame, SubjectData
+from avatar.train.losses import LossWeights, compute_loss
 from avatar.train.ops import make_optimizer
 from avatar.train.strategy import DensifyStrategy
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT_VERSION = 1
 
 
 @dataclass
-class LearningRates(ModelConfig):
+class LearningRates(Config):
     """Adam learning rates. Position rates are multiplied by the head's size (scene scale)."""
 
     means: float = 1.6e-3
@@ -67,40 +72,15 @@ class LearningRates(ModelConfig):
 
 
 @dataclass
-class LossWeights(ModelConfig):
-    l1: float = 1.0
-    dssim: float = 0.2
-    """D-SSIM on the head's bounding box."""
-    mouth: float = 1.0
-    """Extra L1 inside the box around the lips."""
-    alpha: float = 0.2
-    """L1 between the head's alpha and the head mask (face, hair, mouth labels)."""
-    face_alpha: float = 0.1
-    """Mean transparency of the face layer over the skin (face label). Without it the mouth
-    layer, which sits behind the face, learns cheek and lip colours and shows through holes in
-    the face layer; under a new expression those holes open onto the wrong colours."""
-    mouth_alpha: float = 0.0
-    """Mean opacity of the face layer over the mouth interior. Above 0 it hands teeth and tongue
-    to the mouth layer (without it the face layer paints the inside of the mouth too: 98 % opaque
-    there on katie). Off by default: at 0.1 it scored slightly lower on katie and the sample
-    (benchmarks/RESULTS.md, Training)."""
-    lpips: float = 0.0
-    """LPIPS on the head's bounding box, when the ``lpips`` package and its weights load (it
-    needs torchvision and downloads the weights once); off in every preset because no run has
-    measured it yet (no torchvision on the CPU machine, no GPU lent). A run that asks for it and
-    cannot load it trains without it and says so in the log."""
-    lpips_net: str = "alex"
-    """LPIPS backbone: "alex" or "vgg"."""
-    scale: float = 10.0
-    """Penalty on Gaussians larger than ``max_scale`` times the head size."""
-    max_scale: float = 0.04
-
-
-@dataclass
-class TrainConfig(ModelConfig):
+class TrainConfig(Config):
     """Everything a run needs; saved to RUN/config.json."""
 
     subject: str = ""
+    """The subject directory, relative to the run directory (so both can move together)."""
+    subject_absolute: str = ""
+    """The subject directory's absolute path when the run was made (so the run alone can move)."""
+    model_kind: str = "gaussian"
+    """The avatar kind (``--model``); see :data:`avatar.models.MODEL_KINDS`."""
     preset: str = "fast"
     resolution: int = 256
     iterations: int = 3000
@@ -125,126 +105,24 @@ class TrainConfig(ModelConfig):
     format_version: int = RUN_FORMAT_VERSION
 
 
-def merge(config: Any, overrides: dict[str, Any], prefix: str = "") -> Any:
-    """``config`` with nested ``overrides`` applied.
-
-    Raises:
-        ValueError: an unknown option, or a value of the wrong kind for its option (a string
-            for a number, a fraction for a count), named by its dotted path.
-    """
-    changes = {}
-    names = {f.name for f in dataclasses.fields(config)}
-    for key, value in overrides.items():
-        path = prefix + key
-        if key not in names:
-            raise ValueError(f"{type(config).__name__} has no option {path!r}; options: {sorted(names)}")
-        current = getattr(config, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"option {path!r} is a group of options; set its members ({path}.NAME)")
-            changes[key] = merge(current, value, path + ".")
-        else:
-            changes[key] = _checked_value(path, current, value)
-    return dataclasses.replace(config, **changes)
-
-
-def _checked_value(path: str, current: Any, value: Any) -> Any:
-    """``value`` for an option whose default is ``current``, if it is of the same kind."""
-    if current is None:
-        return value
-    if isinstance(current, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(current, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(current, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(current, str):
-        ok = isinstance(value, str)
-    elif isinstance(current, (tuple, list)):
-        ok = isinstance(value, (tuple, list))
-        value = type(current)(value) if ok else value
-    else:
-        ok = True
-    if not ok:
-        raise ValueError(f"option {path!r} takes a {type(current).__name__} (like {current!r}), got {value!r}")
-    return value
-
-
-def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
-    """Nested overrides from ``NAME.NAME=VALUE`` strings (the command line's ``--set``).
-
-    VALUE is read as JSON when it parses (``0.1``, ``true``, ``["a", "b"]``), else as a string,
-    so ``device=cuda`` needs no quotes. Names are checked later, by :func:`merge`.
-    """
-    out: dict[str, Any] = {}
-    for item in assignments:
-        name, sep, raw = item.partition("=")
-        keys = name.strip().split(".")
-        if not sep or not all(keys):
-            raise ValueError(f"expected NAME=VALUE (e.g. loss.mouth=2.0), got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{item!r} sets a member of {key!r}, which is also given a value")
-        node[keys[-1]] = value
-    return out
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AvatarError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise AvatarError(f"unknown device {device!r}; use auto, cpu or cuda.")
-    return torch.device(device)
-
-
-def make_config(subject: Path | str, preset: str = "fast", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+def make_config(preset: str = "fast", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """The preset's options with ``overrides`` applied (``ValueError`` names a bad option)."""
     config = merge(TrainConfig(), preset_overrides(preset))
-    config = dataclasses.replace(config, subject=str(Path(subject).resolve()), preset=preset)
+    config = dataclasses.replace(config, preset=preset)
     return merge(config, overrides or {})
 
 
 def save_config(paths: RunPaths, config: TrainConfig) -> None:
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(paths.config, json.dumps(config.to_dict(), indent=2))
+    write_config(paths.root, config.to_dict())
 
 
 def load_config(run_dir: Path | str) -> TrainConfig:
-    paths = RunPaths(run_dir)
-    if not paths.config.is_file():
-        raise AvatarError(f"{paths.root} is not a run directory (no config.json); train one with `avatar train`.")
-    try:
-        data = json.loads(paths.config.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise AvatarError(f"{paths.config} is unreadable ({err}).") from None
-    if data.get("format_version") != RUN_FORMAT_VERSION:
-        raise AvatarError(
-            f"{paths.root} was trained by run format {data.get('format_version')}, this avatar reads "
-            f"{RUN_FORMAT_VERSION}; train it again."
-        )
+    """The full training config of a run (see :func:`avatar.run.read_config` for the checks)."""
+    data = read_config(run_dir)
     try:
         return TrainConfig.from_dict(data)
     except (TypeError, ValueError) as err:
-        raise AvatarError(f"{paths.config} does not match this version of avatar ({err}); train again.") from None
-
-
-def load_model(run_dir: Path | str, device: str = "cpu", step: Optional[int] = None) -> tuple[TrainConfig, TalkingHead, int]:
-    """The trained model of a run (newest checkpoint), in eval mode on ``device``."""
-    config = load_config(run_dir)
-    tensors, meta = load_checkpoint(RunPaths(run_dir), step)
-    try:
-        model = TalkingHead.from_state_dict(config.model, model_state(tensors))
-    except (RuntimeError, KeyError) as err:
-        raise AvatarError(f"the checkpoint of {run_dir} does not fit its config.json ({err}); train again.") from None
-    return config, model.to(resolve_device(device)).eval(), int(meta["step"])
+        raise AvatarError(f"{RunPaths(run_dir).config} does not match this version of avatar ({err}); train again.") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +134,6 @@ def _initial_model(data: SubjectData, config: TrainConfig) -> TalkingHead:
     picks = train_idx[np.linspace(0, len(train_idx) - 1, num=min(config.model.init.reference_frames, len(train_idx))).astype(int)]
     frames = np.stack([np.asarray(data.frames[i]) for i in picks])
     labels = np.stack([np.asarray(data.masks[i]) for i in picks])
-    from avatar.train.data import HEAD_LABELS
-
     head = np.isin(labels, HEAD_LABELS)
     names = [str(n) for n in data.subject.tracks["blendshape_names"]]
     jaw = data.subject.tracks["blendshapes"][picks, names.index("jaw_open")] if "jaw_open" in names else None
@@ -292,48 +168,6 @@ def scene_scale_of(model: TalkingHead) -> float:
     return float((means.max(0).values - means.min(0).values).norm())
 
 
-def _box_of(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:
-    ys, xs = torch.nonzero(mask[..., 0] > 0.5, as_tuple=True)
-    h, w = mask.shape[:2]
-    if len(ys) == 0:
-        return 0, 0, w, h
-    return (max(0, int(xs.min()) - pad), max(0, int(ys.min()) - pad),
-            min(w, int(xs.max()) + 1 + pad), min(h, int(ys.max()) + 1 + pad))
-
-
-def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales: Tensor,
-                 scene_scale: float, lpips_net: Optional[torch.nn.Module] = None) -> tuple[Tensor, dict[str, float]]:
-    """Photometric, mouth, mask and scale terms of one frame (and LPIPS, given its network)."""
-    from avatar.eval.metrics import dssim_loss
-
-    pred, gt = out["rgb"], frame.image
-    l1 = (pred - gt).abs().mean()
-    x0, y0, x1, y1 = _box_of(frame.head_mask)
-    crop_p = pred[y0:y1, x0:x1].permute(2, 0, 1)[None]
-    crop_g = gt[y0:y1, x0:x1].permute(2, 0, 1)[None]
-    dssim = dssim_loss(crop_p, crop_g) if min(y1 - y0, x1 - x0) >= 11 else pred.new_zeros(())
-    perceptual = pred.new_zeros(())
-    if lpips_net is not None and weights.lpips > 0 and min(y1 - y0, x1 - x0) >= 32:
-        perceptual = lpips_net(crop_p * 2 - 1, crop_g * 2 - 1).mean()
-    mx0, my0, mx1, my1 = frame.mouth_box
-    mouth = (pred[my0:my1, mx0:mx1] - gt[my0:my1, mx0:mx1]).abs().mean() if mx1 > mx0 and my1 > my0 else pred.new_zeros(())
-    alpha = (out["head_alpha"] - frame.head_mask).abs().mean()
-    skin = frame.skin_mask
-    face_alpha = ((1 - out["face_alpha"]) * skin).sum() / skin.sum().clamp_min(1.0)
-    inside = frame.mouth_mask
-    mouth_alpha = (out["face_alpha"] * inside).sum() / inside.sum().clamp_min(1.0)
-    big = torch.relu(scales - weights.max_scale * scene_scale).mean() / scene_scale
-    loss = (weights.l1 * l1 + weights.dssim * dssim + weights.mouth * mouth + weights.alpha * alpha
-            + weights.face_alpha * face_alpha + weights.mouth_alpha * mouth_alpha + weights.scale * big
-            + weights.lpips * perceptual)
-    with torch.no_grad():
-        mse = ((pred.clamp(0, 1) - gt) ** 2).mean()
-        psnr = float(-10 * torch.log10(mse.clamp_min(1e-10)))
-    parts = {"loss": loss, "l1": l1, "dssim": dssim, "mouth": mouth, "alpha": alpha, "face_alpha": face_alpha,
-             "mouth_alpha": mouth_alpha, "lpips": perceptual}
-    return loss, {**{k: float(v.detach()) for k, v in parts.items()}, "psnr": psnr}
-
-
 def preview_image(pred: Tensor, gt: Tensor) -> np.ndarray:
     """GT | render | error (x4) side by side, uint8 RGB."""
     p = pred.detach().clamp(0, 1).cpu().numpy()
@@ -349,7 +183,10 @@ class TrainResult:
     seconds: float
     n_gaussians: int
     last_psnr: float
-    metrics: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """What the validation metrics of a run record about its training."""
+        return {"train_seconds": round(self.seconds, 1), "steps": self.steps, "n_gaussians": self.n_gaussians}
 
 
 class _Trainer:
@@ -358,10 +195,11 @@ class _Trainer:
     def __init__(self, config: TrainConfig, paths: RunPaths, device: torch.device, progress: Optional[Progress]):
         self.config, self.paths, self.device = config, paths, device
         self.progress = progress or null_progress
-        self.data = SubjectData(config.subject, config.resolution, config.model.eye_features, device, progress)
+        subject_dir = find_subject(paths.root, config.to_dict())
+        self.data = SubjectData(subject_dir, config.resolution, config.model.motion_features, device, progress)
         self.train_idx = self.data.split("train")
         if len(self.train_idx) < 2:
-            raise AvatarError(f"{config.subject} has fewer than 2 tracked training frames.")
+            raise AvatarError(f"{subject_dir} has fewer than 2 tracked training frames.")
 
     def setup(self, resume: bool) -> None:
         cfg = self.config
@@ -381,8 +219,6 @@ class _Trainer:
         self.scene_scale = float(meta["scene_scale"]) if meta else scene_scale_of(self.model)
         self.lpips_net = None
         if cfg.loss.lpips > 0:
-            from avatar.eval.metrics import lpips_network
-
             self.lpips_net = lpips_network(cfg.loss.lpips_net, str(self.device))
             if self.lpips_net is None:
                 log.warning("loss.lpips is %g but LPIPS could not be loaded (see the info log: the lpips "
@@ -431,7 +267,7 @@ class _Trainer:
             return None
         smooth = self.step >= self.config.smooth_audio_after
         idx = torch.tensor([index], device=self.device)
-        return self.model.conditions(self.data.audio_features, idx, frame.eye[None], smooth=smooth)[0]
+        return self.model.conditions(self.data.audio_features, idx, frame.motion[None], smooth=smooth)[0]
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config
@@ -478,22 +314,21 @@ def train(
     overrides: Optional[dict[str, Any]] = None,
     device: str = "auto",
     resume: bool = False,
-    evaluate: bool = True,
     progress: Optional[Progress] = None,
 ) -> TrainResult:
     """Train a talking Gaussian head on a subject into a run directory.
 
+    Validation metrics are not this function's business: the command line and the demo call
+    :func:`avatar.eval.evaluate_run` on the finished run.
+
     Args:
         overrides: nested options over the preset, e.g. ``{"iterations": 500}``.
         resume: continue the run in ``run_dir`` from its newest checkpoint, exactly.
-        evaluate: render the validation split at the end and write RUN/metrics.json.
 
     Raises:
         AvatarError: bad subject, run directory in the way, unknown option or device.
     """
     from torch.utils.tensorboard import SummaryWriter
-
-    from avatar.subject import read_manifest
 
     paths = RunPaths(run_dir)
     dev = resolve_device(device)
@@ -512,9 +347,10 @@ def train(
             raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
         manifest = read_manifest(subject_dir)  # a clear error before anything is created
         try:
-            config = make_config(subject_dir, preset, overrides)
+            config = make_config(preset, overrides)
         except ValueError as err:
             raise AvatarError(str(err)) from None
+        config = dataclasses.replace(config, **subject_reference(subject_dir, paths.root))
         if config.resolution > manifest.size:
             log.info("Training at the subject's %d px (the preset asks for %d).", manifest.size, config.resolution)
             config = dataclasses.replace(config, resolution=manifest.size)
@@ -560,17 +396,8 @@ def train(
         writer.flush()
         writer.close()
     seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {}
-    if evaluate:
-        from avatar.eval.evaluate import evaluate_model
-
-        metrics = evaluate_model(trainer.model, trainer.data, split="val", progress=progress)
-        metrics.update({"train_seconds": round(seconds, 1), "steps": trainer.step, "preset": config.preset,
-                        "n_gaussians": len(trainer.model.face) + len(trainer.model.mouth)})
-        write_json_atomic(paths.metrics, json.dumps(metrics, indent=2))
     return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
-                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth),
-                       last_psnr=psnr_avg, metrics=metrics)
+                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth), last_psnr=psnr_avg)
 
 
 def _write_preview(trainer: _Trainer, writer, step: int) -> None:

@@ -2,15 +2,14 @@
 
 A speech's audio codes (the audio encoder and temporal smoothing over every frame) are computed
 once when the speech is added, so a frame costs only the deformation networks and the
-rasterizer. New speech borrows what it cannot say from the subject exactly as ``avatar render``
-does (:mod:`avatar.render.speech`): head pose and torso walk the training frames back and forth,
+rasterizer. Conditions come from the same speech driver as ``avatar render``
+(:class:`avatar.speak.SpeechDriver`): head pose and torso walk the training frames back and forth,
 and blinks follow the subject's own blink timing, so the viewer previews what a render gives. Rendering is serialised with a lock: tabs share one model and one device, and
 interleaving two renders on a CPU would only make both slower.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import itertools
 import logging
@@ -29,14 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avatar.audio import AudioFeatureConfig, compute_audio_features
 from avatar.errors import AvatarError, InputError
 from avatar.media import AUDIO_RATE, load_audio
-from avatar.models.talking_head import FrameCondition
+from avatar.models import FrameCondition
 from avatar.progress import Progress
-from avatar.render.speech import BLINK_NAMES, auto_blinks, loop_indices
-from avatar.train.data import SubjectData, pose_columns, scaled_intrinsics
-from avatar.train.trainer import load_model
+from avatar.run import load_avatar
+from avatar.speak import DriveOptions, SampleSpeech, SpeechDriver
+from avatar.subject_data import SubjectData, pose_columns, scaled_intrinsics
 from avatar.viewer.state import ViewState, orbit_viewmat, project_points
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,7 @@ MAX_SPEECH_S = 600.0
 JPEG_QUALITY = 90
 
 _CODE_CHUNK = 256
-"""Frames per audio-encoder call when a speech is added (bounds the gathered windows' memory)."""
+"""Frames per audio-encoder call for the subject's own speech (bounds the gathered windows' memory)."""
 
 _FLAT_GREY = 0.18
 """Background when the torso/background layer is off: dark enough for the head to stand out."""
@@ -75,7 +73,7 @@ class Speech:
     """[T, C] smoothed audio codes, on the model's device."""
     pose: np.ndarray
     """[T] subject frame whose camera and torso go with each frame (when the view follows it)."""
-    eye: Tensor
+    motion: Tensor
     """[T, E] eye conditions (blinks, brows), on the model's device."""
     wav: bytes
     """16 kHz mono 16-bit wav for the page's audio element."""
@@ -105,12 +103,6 @@ def wav_bytes(samples: np.ndarray, rate: int = AUDIO_RATE) -> bytes:
     return buffer.getvalue()
 
 
-def feature_config_of(manifest_features: dict[str, Any]) -> AudioFeatureConfig:
-    """The :class:`AudioFeatureConfig` a subject's features were computed with (from subject.json)."""
-    names = {f.name for f in dataclasses.fields(AudioFeatureConfig)}
-    return AudioFeatureConfig(**{k: v for k, v in manifest_features.items() if k in names})
-
-
 class ViewerEngine:
     """A trained run ready to render frames of any speech from any camera around the head.
 
@@ -127,27 +119,27 @@ class ViewerEngine:
     """
 
     def __init__(self, run_dir: Path | str, audio: Optional[Path | str] = None, device: str = "auto",
-                 size: Optional[int] = None, progress: Optional[Progress] = None):
+                 size: Optional[int] = None, progress: Optional[Progress] = None,
+                 subject: Optional[Path | str] = None):
         self.run_dir = Path(run_dir)
-        self.config, self.model, self.step = load_model(run_dir, device)
-        self.device = self.model.face.means.device
+        avatar = load_avatar(run_dir, device, subject=subject)
+        self.model, self.step = avatar.model, avatar.step
         self.model.requires_grad_(False)
-        cfg = self.config
-        self.size = int(size or cfg.resolution)
+        self.size = int(size or avatar.resolution)
         if not 16 <= self.size <= 4096:
             raise AvatarError(f"the viewer size must be between 16 and 4096 pixels, got {self.size}.")
-        self.data = SubjectData(cfg.subject, cfg.resolution, cfg.model.eye_features, self.device, progress)
-        manifest = self.data.subject.manifest
-        self.fps = float(manifest.fps)
-        self.feature_config = feature_config_of(manifest.audio_features)
+        self.target = self.model.head_center()  # the orbit's pivot
+        self.device = self.target.device
+        self.data = SubjectData(avatar.subject_dir, avatar.resolution, self.model.motion_features, self.device,
+                                progress)
+        self.driver = SpeechDriver(self.model, self.data)
+        self.fps = self.driver.fps
         self.K = torch.from_numpy(
-            scaled_intrinsics(self.data.K.double().cpu().numpy(), cfg.resolution, self.size)
+            scaled_intrinsics(self.data.K.double().cpu().numpy(), avatar.resolution, self.size)
         ).float().to(self.device)
-        self.eye_names = [str(n) for n in cfg.model.eye_features]
-        self.pose_columns = pose_columns(self.eye_names)
-        self.blink_index = [self.eye_names.index(n) for n in BLINK_NAMES if n in self.eye_names]
-        with torch.no_grad():
-            self.target = self.model.face.means.mean(dim=0)  # head centre: the orbit's pivot
+        self.motion_names = [str(n) for n in self.model.motion_features]
+        self.pose_columns = pose_columns(self.motion_names)
+        self.blink_index = self.driver.blink_columns
         self._render_lock = threading.Lock()
         self._speech_lock = threading.Lock()
         self._speeches: OrderedDict[str, Speech] = OrderedDict()
@@ -155,7 +147,7 @@ class ViewerEngine:
         self._progress = progress
         subject_wav = self.data.subject.paths.audio
         self._add(Speech(SUBJECT_SPEECH, f"own audio ({self.data.subject.paths.root.name})", self.data.n_frames,
-                         self._codes(self.data.audio_features), np.arange(self.data.n_frames), self.data.eye,
+                         self._subject_codes(), np.arange(self.data.n_frames), self.data.motion,
                          self._subject_wav(subject_wav)))
         self.default_speech = SUBJECT_SPEECH
         if audio is not None:
@@ -173,12 +165,12 @@ class ViewerEngine:
         return path.read_bytes()
 
     @torch.no_grad()
-    def _codes(self, features: Tensor) -> Tensor:  # [T, W, D] -> [T, C]
-        """Smoothed audio codes of every frame, as the trainer and evaluation compute them."""
-        n = features.shape[0]
+    def _subject_codes(self) -> Tensor:  # [T, C]
+        """Smoothed audio codes of every subject frame, as the trainer and evaluation compute them."""
+        n = self.data.n_frames
         with self._render_lock:
-            parts = [self.model.audio(features, torch.arange(s, min(s + _CODE_CHUNK, n), device=self.device),
-                                      smooth=True)[0] for s in range(0, n, _CODE_CHUNK)]
+            parts = [self.driver.subject_condition(np.arange(s, min(s + _CODE_CHUNK, n))).audio
+                     for s in range(0, n, _CODE_CHUNK)]
         return torch.cat(parts)
 
     def _add(self, speech: Speech) -> None:
@@ -205,28 +197,18 @@ class ViewerEngine:
             raise InputError(f"{name} holds less than 0.1 s of audio.")
         if seconds > MAX_SPEECH_S:
             raise InputError(f"{name} is {seconds:.0f} s long; the viewer takes speech up to {MAX_SPEECH_S:.0f} s.")
-        n_frames = max(1, int(round(seconds * self.fps)))  # as avatar render counts them
+        source = SampleSpeech(samples)
+        n_frames = self.driver.n_frames(source)  # as avatar render counts them
         start = time.perf_counter()
-        features = compute_audio_features(samples, n_frames, self.fps, self.feature_config, self.device,
-                                          self._progress)
-        codes = self._codes(torch.from_numpy(features).to(self.device))
-        pose, eye = self._borrowed_tracks(n_frames)
-        speech = Speech(speech_id or f"upload-{next(self._upload_ids)}", name, n_frames, codes, pose, eye,
-                        wav_bytes(samples))
+        with self._render_lock:
+            codes = self.driver.audio_codes(source, n_frames)
+        plan = self.driver.plan(n_frames, DriveOptions())
+        speech = Speech(speech_id or f"upload-{next(self._upload_ids)}", name, n_frames, codes,
+                        plan.subject_frames, plan.motion, wav_bytes(samples))
         self._add(speech)
         log.info("Speech %s (%s): %.1f s, %d frames, codes in %.2f s", speech.id, name, seconds, n_frames,
                  time.perf_counter() - start)
         return speech
-
-    def _borrowed_tracks(self, n_frames: int) -> tuple[np.ndarray, Tensor]:
-        """Pose frames [T] and eye conditions [T, E] for new speech, as ``avatar render`` makes them."""
-        pose = loop_indices(self.data.split("train"), n_frames)
-        eye = self.data.eye[torch.from_numpy(pose).to(self.device)].clone()
-        if len(self.blink_index) == len(BLINK_NAMES):
-            subject_blinks = self.data.eye[:, self.blink_index].cpu().numpy()
-            blinks = auto_blinks(subject_blinks, n_frames, self.fps)
-            eye[:, self.blink_index] = torch.from_numpy(blinks).to(eye)
-        return pose, eye
 
     def add_speech_bytes(self, data: bytes, name: str) -> Speech:
         """Decode an uploaded file (any format ffmpeg reads) and add it; see :meth:`add_speech`."""
@@ -259,8 +241,8 @@ class ViewerEngine:
         return {
             "run": self.run_dir.name, "step": self.step, "size": self.size, "fps": self.fps,
             "device": str(self.device), "n_subject_frames": self.data.n_frames,
-            "n_gaussians": {"face": len(self.model.face), "mouth": len(self.model.mouth)},
-            "eye_features": self.eye_names, "blink": bool(self.blink_index),
+            **self.model.summary(),
+            "motion_features": self.motion_names, "blink": bool(self.blink_index),
             "focal_px": float(self.K[0, 0]), "default_speech": self.default_speech,
             "speeches": self.speeches(),
         }
@@ -300,17 +282,17 @@ class ViewerEngine:
         n_subject = self.data.n_frames
         index = min(max(int(math.floor(state.t * self.fps + 1e-6)), 0), speech.n_frames - 1)
         pose = int(speech.pose[index]) if state.follow else min(state.frame, n_subject - 1)
-        layers = tuple(name for name in ("face", "mouth") if getattr(state, name))
+        layers = tuple(name for name in self.model.layers if getattr(state, name, True))
         with self._render_lock:
             start = time.perf_counter()
             frame = self.data.frame(pose)
-            eye = speech.eye[index].clone()
+            motion = speech.motion[index].clone()
             if not state.follow:  # the held frame's head rotation, not the speech's pose track's
                 for column, _ in self.pose_columns:
-                    eye[column] = self.data.eye[pose, column]
+                    motion[column] = self.data.motion[pose, column]
             if state.blink is not None and self.blink_index:
-                eye[self.blink_index] = state.blink
-            cond = FrameCondition(speech.codes[index], eye)
+                motion[self.blink_index] = state.blink
+            cond = FrameCondition(speech.codes[index], motion)
             viewmat = orbit_viewmat(frame.viewmat, self.target, state.yaw, state.pitch, state.zoom,
                                     state.pan_x, state.pan_y)
             background = self._background(frame.background, state, frame.viewmat)
@@ -327,19 +309,18 @@ class ViewerEngine:
             "speech": speech.id, "frame": index, "n_frames": speech.n_frames, "t": index / self.fps,
             "pose_frame": pose, "render_ms": round(render_ms, 2),
             "size": self.size, "layers": list(layers),
-            "eye": {n: round(float(v), 3) for n, v in zip(self.eye_names, eye.tolist())},
+            "motion": {n: round(float(v), 3) for n, v in zip(self.motion_names, motion.tolist())},
             "audio_code": [round(float(v), 3) for v in cond.audio.tolist()],
         }
         return Rendered(jpeg.tobytes(), info)
 
     def _draw_centres(self, image: np.ndarray, cond: FrameCondition, viewmat: Tensor,
                       layers: tuple[str, ...]) -> np.ndarray:
-        """Mark the deformed Gaussian centres of the shown layers (one pixel each)."""
-        face, mouth = self.model.deform(cond)
+        """Mark the model's structure points (Gaussian centres) of the shown layers, one pixel each."""
         image = image.copy()
-        for name, layer in (("face", face), ("mouth", mouth)):
+        for name, points in self.model.layer_points(cond).items():
             if name not in layers:
                 continue
-            px = project_points(layer.means, viewmat, self.K, self.size, self.size).cpu().numpy()
-            image[px[:, 1], px[:, 0]] = _POINT_COLORS[name]
+            px = project_points(points, viewmat, self.K, self.size, self.size).cpu().numpy()
+            image[px[:, 1], px[:, 0]] = _POINT_COLORS.get(name, (255, 255, 255))
         return image

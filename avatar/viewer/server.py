@@ -275,7 +275,7 @@ def _url(httpd: _ViewerHTTPServer) -> str:
 
 def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 7860, audio: Optional[Path | str] = None,
           device: str = "auto", size: Optional[int] = None, ready: Optional[Callable[[str], None]] = None,
-          progress: Optional[Progress] = None) -> None:
+          progress: Optional[Progress] = None, subject: Optional[Path | str] = None) -> None:
     """Serve the viewer of a run until Ctrl-C, then close the port and return.
 
     The port is taken before the model loads, so a busy port fails at once.
@@ -294,7 +294,7 @@ def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 7860, audio:
     """
     httpd = _bind(host, port)
     try:
-        httpd.attach(ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
+        httpd.attach(ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress, subject=subject))
         url = _url(httpd)
         log.info("Viewer of %s at %s", run_dir, url)
         if ready is not None:
@@ -334,7 +334,7 @@ class RunningViewer:
 
 def start(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, audio: Optional[Path | str] = None,
           device: str = "auto", size: Optional[int] = None, progress: Optional[Progress] = None,
-          engine: Optional[ViewerEngine] = None) -> RunningViewer:
+          engine: Optional[ViewerEngine] = None, subject: Optional[Path | str] = None) -> RunningViewer:
     """Start the viewer in a background thread and return once it answers.
 
     ``port=0`` picks a free port (read it from the result's ``url`` or ``port``). ``engine``
@@ -345,7 +345,8 @@ def start(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, audio: Op
     """
     httpd = _bind(host, port)
     try:
-        httpd.attach(engine or ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
+        httpd.attach(engine or ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress,
+                                            subject=subject))
     except BaseException:
         httpd.server_close()
         raise

@@ -17,7 +17,7 @@ from avatar.eval.landmarks import (
     lmd,
     mouth_correlation,
 )
-from avatar.eval.metrics import dssim_loss, lpips_or_none, psnr, ssim
+from avatar.image_metrics import dssim_loss, lpips_or_none, psnr, ssim
 
 
 @pytest.fixture
@@ -247,7 +247,7 @@ def test_mouth_tracker_no_face_and_bad_input() -> None:
 
 
 def test_region_errors_pool_per_label_and_share_the_total() -> None:
-    from avatar.eval.metrics import RegionErrors
+    from avatar.image_metrics import RegionErrors
 
     gt = np.zeros((4, 6, 3))
     labels = np.zeros((4, 6), np.int64)

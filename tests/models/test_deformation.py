@@ -47,10 +47,10 @@ def canonical(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("zero", [False, True])
 def test_identity_at_init(zero):
     model, x = face(), points()
-    audio, eye = torch.randn(32), torch.rand(5)
+    audio, motion = torch.randn(32), torch.rand(5)
     if zero:
-        audio, eye = torch.zeros(32), torch.zeros(5)
-    out = model(x, audio, eye)
+        audio, motion = torch.zeros(32), torch.zeros(5)
+    out = model(x, audio, motion)
     assert out.d_xyz.shape == (200, 3) and out.d_rot.shape == (200, 4) and out.d_scale.shape == (200, 3)
     for t in (out.d_xyz, out.d_rot, out.d_scale):
         assert torch.equal(t, torch.zeros_like(t))
@@ -64,28 +64,28 @@ def test_identity_at_init(zero):
 
 def test_attention_and_batched_condition():
     model, x = face(), points(50)
-    audio, eye = torch.randn(3, 32), torch.rand(3, 5)
+    audio, motion = torch.randn(3, 32), torch.rand(3, 5)
     with torch.no_grad():
         model.out.bias.normal_()
         model.out.weight.normal_(std=0.1)
-    out = model(x, audio, eye)
+    out = model(x, audio, motion)
     assert out.d_xyz.shape == (3, 50, 3) and out.d_rot.shape == (3, 50, 4)
     assert out.d_scale.shape == (3, 50, 3)
     assert out.attention.shape == (50, 2)
     torch.testing.assert_close(out.attention.sum(-1), torch.ones(50))
     for b in range(3):  # batched frames == one frame at a time
-        single = model(x, audio[b], eye[b])
+        single = model(x, audio[b], motion[b])
         torch.testing.assert_close(out.d_xyz[b], single.d_xyz)
         torch.testing.assert_close(out.d_rot[b], single.d_rot)
     assert mouth()(x, audio).shape == (3, 50, 3)
-    empty = model(x[:0], audio, eye)  # all Gaussians pruned
+    empty = model(x[:0], audio, motion)  # all Gaussians pruned
     assert empty.d_xyz.shape == (3, 0, 3) and empty.attention.shape == (0, 2)
     with pytest.raises(ValueError, match="same batch dims"):
-        model(x, audio, eye[0])
+        model(x, audio, motion[0])
     with pytest.raises(ValueError, match=r"\[5\] or \[B, 5\]"):
         model(x, audio[0], torch.rand(4))
     with pytest.raises(ValueError, match=r"\[N, 3\]"):
-        model(x[None], audio[0], eye[0])
+        model(x[None], audio[0], motion[0])
 
 
 def test_offsets_are_in_world_units():
@@ -125,8 +125,8 @@ def test_determinism_under_seed():
     for m in (a, b):
         with torch.no_grad():
             m.out.weight.copy_(torch.linspace(-0.1, 0.1, m.out.weight.numel()).view_as(m.out.weight))
-    x, audio, eye = points(), torch.randn(32), torch.rand(5)
-    for ta, tb in zip(a(x, audio, eye), b(x, audio, eye)):
+    x, audio, motion = points(), torch.randn(32), torch.rand(5)
+    for ta, tb in zip(a(x, audio, motion), b(x, audio, motion)):
         assert torch.equal(ta, tb)
     assert not torch.equal(face(seed=8).encoding.embeddings, a.encoding.embeddings)
 
@@ -134,7 +134,7 @@ def test_determinism_under_seed():
 def test_config_round_trip_rebuilds_the_model():
     for cfg, cls in (
         (
-            FaceDeformationConfig(encoding=TriPlaneConfig(**BOX), eye_dim=3, n_layers=2),
+            FaceDeformationConfig(encoding=TriPlaneConfig(**BOX), motion_dim=3, n_layers=2),
             FaceDeformationConfig,
         ),
         (MouthDeformationConfig(hidden=16), MouthDeformationConfig),

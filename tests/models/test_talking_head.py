@@ -36,7 +36,7 @@ def _camera() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_zero_condition_is_identity_at_init():
     model = _head(0.9)
-    cond = FrameCondition(torch.zeros(model.config.audio.code_dim), torch.zeros(len(model.config.eye_features)))
+    cond = FrameCondition(torch.zeros(model.config.audio.code_dim), torch.zeros(len(model.config.motion_features)))
     deformed, mouth = model.deform(cond)
     canonical, canonical_mouth = model.deform(None)
     torch.testing.assert_close(deformed.means, canonical.means)
@@ -74,11 +74,11 @@ def test_batched_rendering_equals_one_frame_at_a_time():
         for p in model.face_deform.out.parameters():  # leave the identity: make conditions matter
             p.normal_(0, 0.05)
     audio = torch.randn(2, model.config.audio.code_dim)
-    eye = torch.rand(2, len(model.config.eye_features))
+    motion = torch.rand(2, len(model.config.motion_features))
     backgrounds = torch.rand(2, 64, 64, 3)
     views = torch.stack([viewmat, viewmat])
-    batched = model.render_many(FrameCondition(audio, eye), views, K, 64, 64, backgrounds)
+    batched = model.render_many(FrameCondition(audio, motion), views, K, 64, 64, backgrounds)
     for b in range(2):
-        single = model.render(FrameCondition(audio[b], eye[b]), viewmat, K, 64, 64, backgrounds[b])["rgb"]
+        single = model.render(FrameCondition(audio[b], motion[b]), viewmat, K, 64, 64, backgrounds[b])["rgb"]
         torch.testing.assert_close(batched[b], single, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])

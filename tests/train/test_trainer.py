@@ -11,21 +11,24 @@ from click.testing import CliRunner
 
 from avatar.cli import main
 from avatar.errors import AvatarError
-from avatar.train.checkpoint import RunPaths, load_checkpoint, model_state
-from avatar.train.data import Frame
-from avatar.train.trainer import LossWeights, TrainConfig, compute_loss, load_model, merge, parse_assignments, train
+from avatar.configs import merge, parse_assignments
+from avatar.run import RunPaths, load_avatar, load_checkpoint, model_state
+from avatar.subject_data import Frame
+from avatar.train.losses import LossWeights, compute_loss
+from avatar.train.trainer import TrainConfig, train
 from tests.conftest import tiny_train
 
 
 def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
     _, subject = small_subject
     run = tmp_path / "run"
-    result = train(subject, run, overrides=tiny_train(6), device="cpu", evaluate=False)
+    result = train(subject, run, overrides=tiny_train(6), device="cpu")
     assert result.steps == 6
     paths = RunPaths(run)
     assert paths.config.is_file() and paths.latest_checkpoint() == 6
     assert list(paths.previews.glob("*.png")) and list(paths.tensorboard.iterdir())
-    config, model, step = load_model(run)
+    loaded = load_avatar(run)
+    model, step = loaded.model, loaded.step
     assert step == 6
     tensors, _ = load_checkpoint(paths)
     for name, value in model.state_dict().items():
@@ -36,19 +39,19 @@ def test_checkpoint_round_trip_and_run_layout(small_subject, tmp_path):
 
 def test_interrupt_then_resume_is_exact(small_subject, tmp_path):
     _, subject = small_subject
-    straight = train(subject, tmp_path / "a", overrides=tiny_train(8), device="cpu", evaluate=False)
+    straight = train(subject, tmp_path / "a", overrides=tiny_train(8), device="cpu")
 
     def interrupt_at_5(step, done, total):
         if step == "train" and done == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(subject, tmp_path / "b", overrides=tiny_train(8), device="cpu", evaluate=False, progress=interrupt_at_5)
+        train(subject, tmp_path / "b", overrides=tiny_train(8), device="cpu", progress=interrupt_at_5)
     assert RunPaths(tmp_path / "b").latest_checkpoint() == 5, "Ctrl-C saves a checkpoint"
-    resumed = train(subject, tmp_path / "b", device="cpu", resume=True, evaluate=False)
+    resumed = train(subject, tmp_path / "b", device="cpu", resume=True)
     assert straight.steps == resumed.steps == 8
-    _, a, _ = load_model(tmp_path / "a")
-    _, b, _ = load_model(tmp_path / "b")
+    a = load_avatar(tmp_path / "a").model
+    b = load_avatar(tmp_path / "b").model
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for name in sa:
@@ -59,8 +62,8 @@ def test_mouth_set_has_its_own_cap(small_subject, tmp_path):
     _, subject = small_subject
     overrides = {**tiny_train(12), "mouth_max_gaussians": 70}
     overrides["strategy"] = {**overrides["strategy"], "grow_grad2d": 0.0}  # every Gaussian wants to grow
-    result = train(subject, tmp_path / "run", overrides=overrides, device="cpu", evaluate=False)
-    _, model, _ = load_model(result.run_dir)
+    result = train(subject, tmp_path / "run", overrides=overrides, device="cpu")
+    model = load_avatar(result.run_dir).model
     assert len(model.mouth) <= 70, "the mouth branch stops at its own cap"
     assert len(model.face) > 600, "the face branch still grows up to the strategy's cap"
 
@@ -69,7 +72,7 @@ def _loss_frame(skin: torch.Tensor, inside: torch.Tensor) -> Frame:
     h, w = skin.shape[:2]
     return Frame(index=0, image=torch.full((h, w, 3), 0.5), background=torch.zeros(h, w, 3),
                  head_mask=skin + inside, skin_mask=skin, mouth_mask=inside, mouth_box=(0, 0, 0, 0),
-                 viewmat=torch.eye(4), K=torch.eye(3), eye=torch.zeros(4))
+                 viewmat=torch.eye(4), K=torch.eye(3), motion=torch.zeros(4))
 
 
 def test_face_layer_is_opaque_over_the_skin_and_open_over_the_mouth_interior():
@@ -100,29 +103,29 @@ def test_face_layer_is_opaque_over_the_skin_and_open_over_the_mouth_interior():
 def test_refuses_to_overwrite_and_rejects_bad_options(small_subject, tmp_path):
     _, subject = small_subject
     run = tmp_path / "run"
-    train(subject, run, overrides=tiny_train(2), device="cpu", evaluate=False)
+    train(subject, run, overrides=tiny_train(2), device="cpu")
     with pytest.raises(AvatarError, match="--resume"):
-        train(subject, run, overrides=tiny_train(2), device="cpu", evaluate=False)
+        train(subject, run, overrides=tiny_train(2), device="cpu")
     with pytest.raises(AvatarError, match="no option"):
-        train(subject, tmp_path / "other", overrides={"nonsense": 1}, device="cpu", evaluate=False)
+        train(subject, tmp_path / "other", overrides={"nonsense": 1}, device="cpu")
     result = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "-o", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "not a complete subject" in result.output
 
 
 def test_set_assignments_parse_to_nested_checked_overrides():
-    overrides = parse_assignments(["loss.mouth=2", "model.eye_features=[\"eyeBlinkLeft\"]", "device=cuda",
+    overrides = parse_assignments(["loss.mouth=2", "model.motion_features=[\"eyeBlinkLeft\"]", "device=cuda",
                                    "strategy.max_gaussians=5000", "loss.dssim=0.5"])
-    assert overrides == {"loss": {"mouth": 2, "dssim": 0.5}, "model": {"eye_features": ["eyeBlinkLeft"]},
+    assert overrides == {"loss": {"mouth": 2, "dssim": 0.5}, "model": {"motion_features": ["eyeBlinkLeft"]},
                          "device": "cuda", "strategy": {"max_gaussians": 5000}}
     config = merge(TrainConfig(), overrides)
     assert config.loss.mouth == 2.0 and isinstance(config.loss.mouth, float)
-    assert config.model.eye_features == ("eyeBlinkLeft",) and config.strategy.max_gaussians == 5000
+    assert config.model.motion_features == ("eyeBlinkLeft",) and config.strategy.max_gaussians == 5000
     for bad in (["loss.mouth"], ["=1"], ["loss..mouth=1"], ["loss=1", "loss.mouth=2"]):
         with pytest.raises(ValueError):
             parse_assignments(bad)
     for bad, message in (({"loss": {"mouth": "big"}}, "loss.mouth"), ({"iterations": 10.5}, "iterations"),
                          ({"loss": 1.0}, "group"), ({"loss": {"nonsense": 1}}, "loss.nonsense"),
-                         ({"model": {"eye_features": "eyeBlinkLeft"}}, "model.eye_features")):
+                         ({"model": {"motion_features": "eyeBlinkLeft"}}, "model.motion_features")):
         with pytest.raises(ValueError, match=message):
             merge(TrainConfig(), bad)
 
@@ -189,16 +192,16 @@ def test_lpips_term_joins_the_loss_when_its_network_loads():
 
 
 def test_a_run_asking_for_lpips_trains_without_it_when_it_cannot_load(small_subject, tmp_path, monkeypatch, caplog):
-    import avatar.eval.metrics as metrics
+    import avatar.image_metrics as metrics
 
     _, subject = small_subject
     monkeypatch.setattr(metrics, "_load_lpips", lambda net, device: None)
     with caplog.at_level("WARNING"):
         result = train(subject, tmp_path / "run", overrides={**tiny_train(2), "loss": {"lpips": 0.1}},
-                       device="cpu", evaluate=False)
+                       device="cpu")
     assert result.steps == 2 and "LPIPS could not be loaded" in caplog.text
     calls = []
     monkeypatch.setattr(metrics, "_load_lpips", lambda net, device: calls.append(net) or _TinyPerceptual())
     train(subject, tmp_path / "run2", overrides={**tiny_train(2), "loss": {"lpips": 0.1, "lpips_net": "vgg"}},
-          device="cpu", evaluate=False)
+          device="cpu")
     assert calls == ["vgg"]

@@ -67,7 +67,7 @@ def test_page_and_info(viewer):
     assert status == 200 and info["size"] == 64 and info["fps"] == 25.0 and info["device"] == "cpu"
     assert info["default_speech"] == "subject" and info["speeches"][0]["id"] == "subject"
     assert info["speeches"][0]["n_frames"] == info["n_subject_frames"] == 150
-    assert info["blink"] and "eye_blink_left" in info["eye_features"]
+    assert info["blink"] and "eye_blink_left" in info["motion_features"]
     assert _get(viewer.url + "nothing")[0] == 404
 
 
@@ -75,18 +75,18 @@ def test_frame_api_camera_layers_blink(viewer):
     image, meta = _frame(viewer, "tab-a", t=1.0)
     assert image.shape == (64, 64, 3)
     assert meta["frame"] == 25 and meta["pose_frame"] == 25 and meta["render_ms"] > 0
-    assert len(meta["audio_code"]) > 0 and set(meta["eye"]) >= {"eye_blink_left", "eye_blink_right"}
+    assert len(meta["audio_code"]) > 0 and set(meta["motion"]) >= {"eye_blink_left", "eye_blink_right"}
 
     status, state = _post(viewer.url + "api/state?session=tab-a",
                           json.dumps({"yaw": 30, "zoom": 1.5, "blink": 0.9, "follow": False, "frame": 3}).encode())
     assert status == 200 and state["yaw"] == 30 and state["blink"] == 0.9 and state["t"] == 1.0
     turned, meta = _frame(viewer, "tab-a")
-    assert meta["pose_frame"] == 3 and meta["eye"]["eye_blink_left"] == 0.9 == meta["eye"]["eye_blink_right"]
+    assert meta["pose_frame"] == 3 and meta["motion"]["eye_blink_left"] == 0.9 == meta["motion"]["eye_blink_right"]
     assert np.abs(turned - image).mean() > 1.0, "another camera gives another image"
 
     _frame(viewer, "tab-a", yaw=0, zoom=1, blink="", follow=1)
     same, meta = _frame(viewer, "tab-a")
-    assert np.abs(same - image).mean() < 1.0 and meta["eye"]["eye_blink_left"] != 0.9, "settings reset"
+    assert np.abs(same - image).mean() < 1.0 and meta["motion"]["eye_blink_left"] != 0.9, "settings reset"
 
     flat, meta = _frame(viewer, "tab-a", face=0, mouth=0, background=0)
     assert meta["layers"] == [] and flat.std() < 2.0, "no layers: flat grey"

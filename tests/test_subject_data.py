@@ -8,8 +8,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from avatar.errors import InputError
-from avatar.models.talking_head import CONDITION_FEATURES, POSE_FEATURES
-from avatar.train.data import (
+from avatar.models.talking_head import MOTION_FEATURES, POSE_FEATURES
+from avatar.subject_data import (
     SubjectData,
     condition_tracks,
     head_rotation_features,
@@ -59,14 +59,14 @@ def test_condition_tracks_mix_blendshapes_and_head_rotation_in_the_asked_order()
 
 def test_a_pose_file_changes_only_the_head_rotation_columns(small_subject):
     _, subject = small_subject
-    data = SubjectData(subject, 64, CONDITION_FEATURES)
+    data = SubjectData(subject, 64, MOTION_FEATURES)
     frames = [0, 1, 2]
-    own = data.eye[frames]
+    own = data.motion[frames]
     c2w = data.subject.tracks["cam_to_world"][frames]
     torch.testing.assert_close(data.with_pose(own, c2w), own, atol=1e-5, rtol=0)
     turned = c2w.copy()
     turned[:, :3, :3] = turned[:, :3, :3] @ Rotation.from_euler("y", 15.0, degrees=True).as_matrix()
     posed = data.with_pose(own, turned)
-    n_eye = len(CONDITION_FEATURES) - len(POSE_FEATURES)
+    n_eye = len(MOTION_FEATURES) - len(POSE_FEATURES)
     torch.testing.assert_close(posed[:, :n_eye], own[:, :n_eye])
     assert (posed[:, n_eye:] - own[:, n_eye:]).abs().max() > 1.0  # 15 degrees is 1.5 units

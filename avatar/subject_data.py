@@ -1,8 +1,8 @@
-"""A subject as training data: frames, cameras and conditions at the training resolution.
+"""A subject as tensors: frames, cameras and condition tracks at one resolution, for training and driving.
 
 Frames and label maps come from the subject's uint8 cache on disk (:class:`avatar.subject.FrameFile`)
 and are turned into float tensors one frame at a time, so memory stays bounded whatever the
-subject's length. Per frame tracks (cameras, eye conditions, audio features) are small and held as tensors.
+subject's length. Per frame tracks (cameras, motion conditions, audio features) are small and held as tensors.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Frame:
     """[4, 4] world-to-camera."""
     K: Tensor
     """[3, 3] intrinsics at the training resolution."""
-    eye: Tensor
+    motion: Tensor
     """[E] the face branch's non-audio condition (eye and brow tracks, head rotation)."""
 
 
@@ -114,7 +114,7 @@ def pose_columns(names: Sequence[str]) -> list[tuple[int, int]]:
 class SubjectData:
     """Training view of a subject at one resolution."""
 
-    def __init__(self, subject_dir: Path | str, resolution: int, eye_features: Sequence[str],
+    def __init__(self, subject_dir: Path | str, resolution: int, motion_features: Sequence[str],
                  device: torch.device | str = "cpu", progress: Optional[Progress] = None):
         self.subject = Subject(subject_dir)
         self.resolution = resolution
@@ -129,8 +129,8 @@ class SubjectData:
         self.valid = tracks["valid"].astype(bool)
         train = self.split("train")
         self.pose_reference = mean_head_rotation(tracks["cam_to_world"][train if len(train) else slice(None)])
-        self.eye_features = tuple(str(n) for n in eye_features)
-        self.eye = torch.from_numpy(condition_tracks(tracks, eye_features, self.pose_reference)).to(self.device)
+        self.motion_features = tuple(str(n) for n in motion_features)
+        self.motion = torch.from_numpy(condition_tracks(tracks, motion_features, self.pose_reference)).to(self.device)
         self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
         lips = tracks["landmarks"][:, list(topology.LIPS_OUTER), :2] * (resolution / m.size)
         self.lips = np.nan_to_num(lips)
@@ -151,17 +151,17 @@ class SubjectData:
         idx = self.subject.frame_indices(name)
         return idx[self.valid[idx]] if valid_only else idx
 
-    def with_pose(self, eye: Tensor, cam_to_world: np.ndarray) -> Tensor:
-        """``eye`` [B, E] with its head-rotation columns recomputed for poses ``cam_to_world``
+    def with_pose(self, motion: Tensor, cam_to_world: np.ndarray) -> Tensor:
+        """``motion`` [B, E] with its head-rotation columns recomputed for poses ``cam_to_world``
         [B, 4, 4] that are not the subject's own (a pose file given to ``avatar render``)."""
-        columns = pose_columns(self.eye_features)
+        columns = pose_columns(self.motion_features)
         if not columns:
-            return eye
-        pose = torch.from_numpy(head_rotation_features(cam_to_world, self.pose_reference)).to(eye)
-        eye = eye.clone()
+            return motion
+        pose = torch.from_numpy(head_rotation_features(cam_to_world, self.pose_reference)).to(motion)
+        motion = motion.clone()
         for column, axis in columns:
-            eye[:, column] = pose[:, axis]
-        return eye
+            motion[:, column] = pose[:, axis]
+        return motion
 
     def mouth_box(self, index: int, pad: float = 0.35) -> tuple[int, int, int, int]:
         pts = self.lips[index]
@@ -185,5 +185,5 @@ class SubjectData:
             index=int(index), image=image, background=background, head_mask=head.float(),
             skin_mask=(labels == LABEL["face"])[..., None].float(),
             mouth_mask=(labels == LABEL["mouth_interior"])[..., None].float(),
-            mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, eye=self.eye[index],
+            mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, motion=self.motion[index],
         )
