@@ -118,7 +118,8 @@ def sample(out_dir: Path, seed: int, duration: float) -> None:
 def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: float,
                audio_features: str, device: str, force: bool) -> None:
     """Turn a talking-head VIDEO into a tracked subject directory."""
-    from avatar.preprocess.pipeline import PreprocessConfig, preprocess as run_preprocess
+    from avatar.preprocess.pipeline import PreprocessConfig
+    from avatar.preprocess.pipeline import preprocess as run_preprocess
 
     try:
         config = PreprocessConfig(size=size, fps=fps, audio_features=audio_features, device=device)

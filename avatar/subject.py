@@ -274,7 +274,8 @@ class Subject:
                             img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
                             lab = cv2.resize(lab, (size, size), interpolation=cv2.INTER_NEAREST)
                         if img.shape != frames_shape[1:] or lab.shape != masks_shape[1:]:
-                            raise InputError(f"frame {i} of {self.paths.root} is {img.shape[:2]}, not {size}x{size}; preprocess again.")
+                            raise InputError(f"frame {i} of {self.paths.root} is {img.shape[:2]}, not "
+                                             f"{size}x{size}; preprocess again.")
                         fw.write(np.ascontiguousarray(img, np.uint8).tobytes())
                         mw.write(np.ascontiguousarray(lab, np.uint8).tobytes())
         return FrameFile(frames_path, frames_shape), FrameFile(masks_path, masks_shape)

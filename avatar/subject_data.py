@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar import topology
 from avatar.errors import InputError
 from avatar.models.talking_head import POSE_FEATURES
-from avatar import topology
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
 

@@ -55,8 +55,8 @@ def correct_pose(model, data, index: int, steps: int, lr: float = 2e-3) -> dict:
 
 
 def main() -> None:
-    from avatar.subject_data import SubjectData
     from avatar.run import load_avatar
+    from avatar.subject_data import SubjectData
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")

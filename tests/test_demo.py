@@ -11,7 +11,6 @@ from avatar import media
 from avatar.cli import main
 
 
-
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"

@@ -10,7 +10,6 @@ from avatar.export import read_ply
 from avatar.run import load_avatar
 
 
-
 def _invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 

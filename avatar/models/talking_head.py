@@ -11,8 +11,8 @@ torso and background, which come from the subject (ground-truth torso pixels, ba
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -26,8 +26,8 @@ from avatar.models.deformation import (
     MouthDeformationConfig,
     apply_deformation,
 )
-from avatar.models.interface import FrameCondition
 from avatar.models.gaussians import GaussianInitConfig, GaussianSet, HeadInit, gaussian_set_from_points
+from avatar.models.interface import FrameCondition
 from avatar.render import rasterize
 
 SH_C0 = 0.28209479177387814

@@ -1,9 +1,9 @@
 """Speech in, a talking avatar out: the one speech driver and ``render_speech`` on top of it."""
 
 from avatar.speak.driver import (
+    DrivenFrames,
     DriveOptions,
     DrivePlan,
-    DrivenFrames,
     SampleSpeech,
     SpeechDriver,
     SpeechSource,

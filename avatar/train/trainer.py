@@ -342,7 +342,8 @@ def train(
             config = dataclasses.replace(config, iterations=int(overrides["iterations"]))
     else:
         if paths.config.exists():
-            raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it or choose another directory.")
+            raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it or choose "
+                                    "another directory.")
         if paths.root.exists() and any(paths.root.iterdir()):
             raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
         manifest = read_manifest(subject_dir)  # a clear error before anything is created

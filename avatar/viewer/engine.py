@@ -4,8 +4,9 @@ A speech's audio codes (the audio encoder and temporal smoothing over every fram
 once when the speech is added, so a frame costs only the deformation networks and the
 rasterizer. Conditions come from the same speech driver as ``avatar render``
 (:class:`avatar.speak.SpeechDriver`): head pose and torso walk the training frames back and forth,
-and blinks follow the subject's own blink timing, so the viewer previews what a render gives. Rendering is serialised with a lock: tabs share one model and one device, and
-interleaving two renders on a CPU would only make both slower.
+and blinks follow the subject's own blink timing, so the viewer previews what a render gives.
+Rendering is serialised with a lock: tabs share one model and one device, and interleaving two
+renders on a CPU would only make both slower.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from avatar.run import load_avatar
 from tests.conftest import tone
 
 
-
 def _invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -7,7 +7,6 @@ import numpy as np
 from avatar.speak import auto_blinks, blink_events, loop_indices, pose_track
 
 
-
 def test_pose_loop_has_no_jump_and_blinks_are_natural():
     train_idx = np.arange(10, 20)
     seq = loop_indices(train_idx, 50)

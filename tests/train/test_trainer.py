@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from avatar.cli import main
-from avatar.errors import AvatarError
 from avatar.configs import merge, parse_assignments
+from avatar.errors import AvatarError
 from avatar.run import RunPaths, load_avatar, load_checkpoint, model_state
 from avatar.subject_data import Frame
 from avatar.train.losses import LossWeights, compute_loss
@@ -134,7 +134,8 @@ def test_train_command_sets_options_and_a_resumed_run_keeps_them(small_subject, 
     _, subject = small_subject
     run = tmp_path / "run"
     args = ["train", str(subject), "-o", str(run), "--iters", "2", "--no-eval", "--device", "cpu",
-            "--set", "resolution=64", "--set", "loss.mouth=3.5", "--set", 'model.init={"n_face": 200, "n_head": 200, "n_mouth": 40}']
+            "--set", "resolution=64", "--set", "loss.mouth=3.5",
+            "--set", 'model.init={"n_face": 200, "n_head": 200, "n_mouth": 40}']
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     saved = json.loads((run / "config.json").read_text())
