@@ -75,7 +75,7 @@ class Speech:
     pose: np.ndarray
     """[T] subject frame whose camera and torso go with each frame (when the view follows it)."""
     motion: Tensor
-    """[T, E] eye conditions (blinks, brows), on the model's device."""
+    """[T, E] motion conditions (blinks, brows, head rotation), on the model's device."""
     wav: bytes
     """16 kHz mono 16-bit wav for the page's audio element."""
 
