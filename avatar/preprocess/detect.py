@@ -47,6 +47,17 @@ class Detections:
     """(width, height) of the decoded source frames."""
     warnings: list[str] = field(default_factory=list)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of an npz (no pickles: the warnings become a unicode array)."""
+        return dict(times=self.times, boxes=self.boxes, n_faces=self.n_faces,
+                    source_size=np.array(self.source_size), warnings=np.array(self.warnings, dtype=str))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Detections":
+        """Inverse of :meth:`to_arrays`."""
+        return cls(arrays["times"], arrays["boxes"], arrays["n_faces"],
+                   tuple(int(v) for v in arrays["source_size"]), [str(w) for w in arrays["warnings"]])
+
 
 def _detect_all(frames, n_total: Optional[int], scale: float, model: int, min_conf: float,
                 progress: Optional[Progress]) -> list[list[tuple[np.ndarray, float]]]:
