@@ -108,6 +108,13 @@ def detect_faces(video: Path, fps: float, info: media.MediaInfo, config: DetectC
     return _follow_largest(per_frame, sample_fps, (src_w, src_h))
 
 
+def _distance_to_reference(box, ref: np.ndarray, ref_size: float) -> float:
+    """How far a face box is from the followed face: centre distance and log size ratio."""
+    c = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    size = np.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 1e-6))
+    return float(np.linalg.norm(c - ref) / ref_size + abs(np.log(size / ref_size)))
+
+
 def _follow_largest(per_frame: list[list[tuple[np.ndarray, float]]], sample_fps: float,
                     source_size: tuple[int, int]) -> Detections:
     """Pick the largest face over the video and follow it through frames with several faces."""
@@ -127,12 +134,7 @@ def _follow_largest(per_frame: list[list[tuple[np.ndarray, float]]], sample_fps:
         if not faces:
             continue
         # Prefer the face nearest the running reference among those of comparable size.
-        def cost(face):
-            b = face[0]
-            c = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
-            size = np.sqrt(max((b[2] - b[0]) * (b[3] - b[1]), 1e-6))
-            return np.linalg.norm(c - ref) / ref_size + abs(np.log(size / ref_size))
-        best = min(faces, key=cost)[0]
+        best = min(faces, key=lambda face, ref=ref: _distance_to_reference(face[0], ref, ref_size))[0]
         boxes[i] = best
         ref = 0.8 * ref + 0.2 * np.array([(best[0] + best[2]) / 2, (best[1] + best[3]) / 2])
     warnings = []

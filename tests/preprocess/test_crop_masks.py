@@ -1,7 +1,5 @@
 import numpy as np
-import pytest
 
-from avatar import media
 from avatar.preprocess.detect import CropConfig, Detections, _follow_largest, place_crop
 from avatar.preprocess.masks import label_map
 from avatar.preprocess.track import fill_gaps
