@@ -44,6 +44,14 @@ __all__ = ["PreprocessConfig", "PreprocessSummary", "STEPS", "STEP_VERSIONS", "S
 log = logging.getLogger(__name__)
 
 
+MIN_SIZE, MAX_SIZE = 64, 4096
+"""Bounds of the crop side: below 64 px a face has too few pixels to track; above 4096 the
+frames of one second outgrow memory, and no camera in use delivers such a head crop."""
+
+SILENCE_PEAK = 1e-3
+"""Speech whose peak stays below this (-60 dBFS) is silence: refused, as ``avatar render`` does."""
+
+
 @dataclass
 class PreprocessConfig:
     """Everything that shapes a subject; part of each step's cache key."""
@@ -67,8 +75,8 @@ class PreprocessConfig:
     track: TrackConfig = field(default_factory=TrackConfig)
 
     def __post_init__(self) -> None:
-        if self.size < 64 or self.size % 2:
-            raise ValueError(f"size must be an even number of pixels >= 64, got {self.size}")
+        if not MIN_SIZE <= self.size <= MAX_SIZE or self.size % 2:
+            raise ValueError(f"size must be an even number of pixels within {MIN_SIZE}..{MAX_SIZE}, got {self.size}")
         if not 1 <= self.fps <= 120:
             raise ValueError(f"fps must be within 1..120, got {self.fps}")
 
@@ -304,6 +312,8 @@ def extract_audio(ctx: StepContext, params: AudioParams) -> None:
     """The speech as 16 kHz mono, cut or padded with silence to exactly the length of the frames."""
     speech = ctx.source.speech
     samples = media.load_audio(speech)
+    if len(samples) == 0:
+        raise InputError(f"{speech} holds no audio samples; give a recording of the person's speech.")
     want = int(round(params.n_frames / params.fps * media.AUDIO_RATE))
     if len(samples) < want:
         short = (want - len(samples)) / media.AUDIO_RATE
@@ -311,8 +321,9 @@ def extract_audio(ctx: StepContext, params: AudioParams) -> None:
             log.warning("The audio is %.1f s shorter than the video; padded with silence.", short)
         samples = np.pad(samples, (0, want - len(samples)))
     samples = samples[:want]
-    if np.sqrt(np.mean(np.square(samples))) < 1e-4:
-        log.warning("The audio of %s is silent; the avatar cannot learn lip motion from it.", speech)
+    if float(np.abs(samples).max(initial=0.0)) < SILENCE_PEAK:
+        raise InputError(f"The audio of {speech} is silent; the avatar cannot learn lip motion from it. "
+                         "Give the speech with --audio FILE.")
     ctx.save("audio", samples)
 
 

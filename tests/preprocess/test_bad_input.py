@@ -136,3 +136,22 @@ def test_two_faces_short_audio_resume_and_replace(tmp_path, astronaut):
     other = write_test_video(tmp_path / "other.mp4", moving_portrait(astronaut), 6 * FPS)
     _assert_clean_failure(_run("preprocess", str(other), "-o", str(out)), "--force")
     assert read_manifest(out).n_frames == n, "the existing subject is left untouched"
+
+
+@pytest.mark.parametrize("size", ["100000", "8", "255"])
+def test_impossible_crop_size_is_refused_before_anything_is_written(tmp_path, astronaut, size):
+    video = write_test_video(tmp_path / "v.mp4", moving_portrait(astronaut), 6 * FPS)
+    out = tmp_path / "subj"
+    result = _run("preprocess", str(video), "-o", str(out), "--size", size)
+    assert result.exit_code == 2 and "size" in result.output and "Traceback" not in result.output, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("speech", ["empty", "silent"])
+def test_speech_without_sound_is_refused(tmp_path, astronaut, speech):
+    video = write_test_video(tmp_path / "v.mp4", moving_portrait(astronaut), 6 * FPS)
+    samples = np.zeros(0 if speech == "empty" else 6 * media.AUDIO_RATE, np.float32)
+    wav = media.write_wav(tmp_path / f"{speech}.wav", samples)
+    out = tmp_path / "subj"
+    result = _run("preprocess", str(video), "-o", str(out), "--size", "128", "--audio", str(wav))
+    _assert_clean_failure(result, "no audio samples" if speech == "empty" else "silent", out)
