@@ -70,6 +70,11 @@ def _refused(name: object, ffmpeg_text: str) -> Optional[InputError]:
                       f"other files that point at further files or URLs are refused).")
 
 
+def _too_long(name: object, seconds: Optional[float], max_seconds: float) -> InputError:
+    length = f"is {seconds:.0f} s long" if seconds is not None else f"is longer than {max_seconds:.0f} s"
+    return InputError(f"{name} {length}; at most {max_seconds:.0f} s of audio are accepted.")
+
+
 def ffmpeg_exe() -> str:
     """Path of the bundled ffmpeg binary (``IMAGEIO_FFMPEG_EXE`` overrides it)."""
     import imageio_ffmpeg
@@ -229,35 +234,58 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def load_audio(path: Path | str, rate: int = AUDIO_RATE, name: Optional[str] = None) -> np.ndarray:
+def load_audio(path: Path | str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None,
+               name: Optional[str] = None) -> np.ndarray:
     """Decode the first audio stream of an audio or video file to mono float32 in [-1, 1].
 
     Args:
+        max_seconds: refuse longer audio. The container's duration is checked before decoding
+            and the decoded samples are counted while decoding (a header can lie), so a small
+            file of hours of silence costs neither the time nor the memory of decoding it.
         name: how error messages call the file (an upload's own name rather than its temporary path).
 
     Raises:
-        InputError: no audio stream, undecodable, or a refused kind of file.
+        InputError: no audio stream, undecodable, a refused kind of file, or longer than ``max_seconds``.
     """
     path = Path(path)
     label = name or path
     info = probe(path, name=name)
     if not info.has_audio:
         raise InputError(f"{label} has no audio stream.")
-    proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *safe_input_args(path),
-         "-vn", "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"],
-        capture_output=True,
-    )
-    if proc.returncode != 0 and not proc.stdout:
-        text = proc.stderr.decode(errors="replace")
+    if max_seconds is not None and info.duration_s is not None and info.duration_s > max_seconds:
+        raise _too_long(label, info.duration_s, max_seconds)
+    max_bytes = None if max_seconds is None else 2 * int(max_seconds * rate)
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *safe_input_args(path),
+               "-vn", "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"]
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: ffmpeg never blocks on its messages
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc:
+            assert proc.stdout is not None
+            pcm = _read_at_most(proc.stdout, max_bytes)
+            if pcm is None:
+                proc.kill()
+                raise _too_long(label, None, float(max_seconds or 0))
+            returncode = proc.wait()
+        errors.seek(0)
+        text = errors.read().decode(errors="replace")
+    if returncode != 0 and not pcm:
         if (refused := _refused(label, text)) is not None:
             raise refused
         msg = text.strip().splitlines()
         raise InputError(f"{label}: audio could not be decoded ({msg[-1] if msg else 'ffmpeg failed'}).")
-    return np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE) -> np.ndarray:
+def _read_at_most(stream: IO[bytes], max_bytes: Optional[int], chunk: int = 1 << 20) -> Optional[bytes]:
+    """Everything ``stream`` gives until its end, or None as soon as that exceeds ``max_bytes``."""
+    data = bytearray()
+    while block := stream.read(chunk):
+        data += block
+        if max_bytes is not None and len(data) > max_bytes:
+            return None
+    return bytes(data)
+
+
+def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None) -> np.ndarray:
     """:func:`load_audio` of a file received as bytes (an upload); messages call it ``name``.
 
     The bytes go to a private temporary file (ffmpeg probes files by their content and suffix;
@@ -268,7 +296,7 @@ def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE) -> np.ndarr
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return load_audio(tmp, rate, name=name)
+        return load_audio(tmp, rate, max_seconds=max_seconds, name=name)
     finally:
         os.unlink(tmp)
 

@@ -139,3 +139,41 @@ def test_a_file_named_like_a_url_is_a_local_file(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     media.write_wav(tmp_path / "http:x.wav", tone(0.5))
     assert len(media.load_audio("http:x.wav")) == media.AUDIO_RATE // 2
+
+
+def test_too_long_audio_is_refused_before_decoding(tmp_path: Path, monkeypatch):
+    import subprocess
+
+    long = tmp_path / "silence.flac"  # a small file of a long silence
+    subprocess.run([media.ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono",
+                    "-t", "120", str(long)], check=True)
+    assert long.stat().st_size < 200_000
+
+    commands: list[list[str]] = []
+    real_popen = media.subprocess.Popen
+
+    def recording_popen(command, *args, **kwargs):
+        commands.append(command)
+        return real_popen(command, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(media.subprocess, "Popen", recording_popen)
+        with pytest.raises(InputError, match="silence.flac is 120 s long; at most 60 s"):
+            media.load_audio(long, max_seconds=60)
+    assert commands and not [c for c in commands if "s16le" in c], "refused from the probe alone, not decoded"
+    assert len(media.load_audio(long, max_seconds=200)) == 120 * media.AUDIO_RATE
+
+
+def test_decoding_stops_at_the_cap_when_the_header_lies(tmp_path: Path, monkeypatch):
+    wav = media.write_wav(tmp_path / "long.wav", tone(8.0))
+    real_probe = media.probe
+
+    def lying_probe(path, name=None):
+        import dataclasses
+
+        return dataclasses.replace(real_probe(path, name), duration_s=None)
+
+    monkeypatch.setattr(media, "probe", lying_probe)
+    with pytest.raises(InputError, match="longer than 3 s"):
+        media.load_audio(wav, max_seconds=3)
+    assert len(media.load_audio(wav, max_seconds=8)) == 8 * media.AUDIO_RATE

@@ -229,9 +229,10 @@ class ViewerEngine:
     def add_speech_bytes(self, data: bytes, name: str) -> Speech:
         """Decode an uploaded file and add it; see :meth:`add_speech`.
 
-        Only ordinary audio/video containers are read (a playlist would make ffmpeg read other local files).
+        Only ordinary audio/video containers are read (a playlist would make ffmpeg read other local files),
+        and speech longer than ``MAX_SPEECH_S`` is refused before and while decoding (a small file can hold hours).
         """
-        return self.add_speech(load_audio_bytes(data, name), name)
+        return self.add_speech(load_audio_bytes(data, name, max_seconds=MAX_SPEECH_S), name)
 
     def speech(self, speech_id: str) -> Speech:
         """The speech with this id; the default one for an empty or dropped id."""
