@@ -14,6 +14,8 @@ API (all under ``/api``; ``session`` is any id the page picks, one per tab):
 The page plays the speech in an audio element and asks for the frame at the element's current
 time, one request at a time: when rendering is slower than the frame rate, frames are skipped and
 the lips never fall behind the sound.
+
+The Host, Origin and token checks are in :mod:`avatar.viewer.security`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ from urllib.parse import parse_qsl, urlsplit
 from avatar.errors import AvatarError
 from avatar.progress import Progress
 from avatar.viewer.engine import ViewerEngine
+from avatar.viewer.security import (
+    STATE_CHANGING,
+    WILDCARD_HOSTS,
+    RequestGuard,
+    exposure_warning,
+    is_loopback,
+    new_token,
+)
 from avatar.viewer.state import ViewState
 
 log = logging.getLogger(__name__)
@@ -81,15 +91,17 @@ class _Sessions:
 
 
 class _ViewerHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server holding the engine, the sessions and the page."""
+    """A threading HTTP server holding the engine, the sessions, the page and the request guard."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily):
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily, token: Optional[str]):
         self.address_family = family
         self.engine: Optional[ViewerEngine] = None
         self.sessions: Optional[_Sessions] = None
         self.page = resources.files("avatar.viewer").joinpath("static", "index.html").read_bytes()
+        self.token = token
+        self.guard: Optional[RequestGuard] = None
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -98,6 +110,7 @@ class _ViewerHTTPServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
+        self.guard = RequestGuard(str(host), int(port), self.token)
 
     def attach(self, engine: ViewerEngine) -> None:
         self.engine = engine
@@ -139,11 +152,15 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/api/speeches"): self._speeches,
         }
         route = routes.get((method, url.path))
+        self._set_cookie = None
         try:
+            self._guard(method, url.path, query)
             if route is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no {method} {url.path}")
             route(query)
         except _HTTPError as err:
+            if method in STATE_CHANGING:  # its body may be unread: it must not be parsed as the next request
+                self.close_connection = True
             self._json({"error": str(err)}, err.status)
         except (ValueError, AvatarError) as err:
             self._json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
@@ -155,12 +172,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _guard(self, method: str, path: str, query: dict[str, str]) -> None:
+        """Refuse (403) what :class:`RequestGuard` refuses; note the token cookie to set, if any."""
+        assert self.server.guard is not None
+        verdict = self.server.guard.check(method, self.headers, query)
+        if verdict.refusal is not None:
+            log.warning("refused %s %s from %s: %s", method, path, self.client_address[0], verdict.refusal)
+            raise _HTTPError(HTTPStatus.FORBIDDEN, verdict.refusal)
+        self._set_cookie = verdict.set_cookie
+
+    _set_cookie: Optional[str] = None
+
     def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK,
               headers: Optional[dict[str, str]] = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self._set_cookie is not None:
+            self.send_header("Set-Cookie", self._set_cookie)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -244,11 +276,18 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bind(host: str, port: int) -> _ViewerHTTPServer:
+def _token_for(host: str, token: Optional[str]) -> Optional[str]:
+    """The token requests must carry: ``token`` if given ("" turns the check off), else a random one off loopback."""
+    if token is not None:
+        return token or None
+    return None if is_loopback(host) else new_token()
+
+
+def _bind(host: str, port: int, token: Optional[str] = None) -> _ViewerHTTPServer:
     """Listen on host:port, or say in one sentence why not (port taken, not allowed, bad host)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return _ViewerHTTPServer((host, port), family)
+        return _ViewerHTTPServer((host, port), family, _token_for(host, token))
     except socket.gaierror:
         raise AvatarError(f"cannot listen on host {host!r}: it is not an address of this machine; "
                           f"use --host 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces).") from None
@@ -265,40 +304,52 @@ def _bind(host: str, port: int) -> _ViewerHTTPServer:
 
 
 def _url(httpd: _ViewerHTTPServer) -> str:
-    host, port = httpd.server_address[:2]
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in str(host):
+    """The page's URL on this machine, with the token when one is needed (a wildcard bind: by loopback)."""
+    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    if host in WILDCARD_HOSTS:
+        host = "::1" if host == "::" else "127.0.0.1"
+    if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/"
+    return f"http://{host}:{port}/" + (f"?token={httpd.token}" if httpd.token else "")
+
+
+def _warn_if_exposed(httpd: _ViewerHTTPServer) -> None:
+    """Log where a viewer beyond loopback really listens, and what that exposes."""
+    warning = exposure_warning(str(httpd.server_address[0]), int(httpd.server_address[1]), httpd.token)
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def serve(run_dir: Path | str, host: str = "127.0.0.1", port: int = 7860, audio: Optional[Path | str] = None,
           device: str = "auto", size: Optional[int] = None, ready: Optional[Callable[[str], None]] = None,
-          progress: Optional[Progress] = None) -> None:
+          progress: Optional[Progress] = None, token: Optional[str] = None) -> None:
     """Serve the viewer of a run until Ctrl-C, then close the port and return.
 
     The port is taken before the model loads, so a busy port fails at once.
 
     Args:
         run_dir: a run written by ``avatar train``.
-        host, port: where to listen (127.0.0.1: this machine only).
+        host, port: where to listen (127.0.0.1: this machine only). Any other address is logged as a
+            warning: anyone on the network can connect (with the token).
         audio: a speech file to offer (and start with) besides the subject's own audio.
         device: ``auto``, ``cpu`` or ``cuda``; the avatar renders there.
         size: side of the rendered frames, pixels; None: the training resolution.
-        ready: called with the page's URL once the viewer answers.
+        ready: called with the page's URL (with ``?token=`` when one is needed) once the viewer answers.
         progress: reports loading (frame cache, speech features).
+        token: the token every request must carry; None: a random one when ``host`` is not
+            loopback, none on loopback; "": none (not advised off loopback).
 
     Raises:
         AvatarError: the port is taken or not allowed, the run or audio is unusable.
     """
-    httpd = _bind(host, port)
+    httpd = _bind(host, port, token)
     try:
         httpd.attach(ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
         url = _url(httpd)
         log.info("Viewer of %s at %s", run_dir, url)
         if ready is not None:
             ready(url)
+        _warn_if_exposed(httpd)
         httpd.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         log.info("Viewer stopped.")
@@ -311,6 +362,7 @@ class RunningViewer:
     """A viewer serving from a background thread (see :func:`start`); ``stop()`` closes it."""
 
     url: str
+    """The page's URL, with ``?token=`` when requests need one."""
     engine: ViewerEngine
     _httpd: _ViewerHTTPServer
     _thread: threading.Thread
@@ -318,6 +370,11 @@ class RunningViewer:
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
+
+    @property
+    def token(self) -> Optional[str]:
+        """The token requests must carry (None: no token needed)."""
+        return self._httpd.token
 
     def stop(self) -> None:
         """Stop answering, close the port and wait for the server thread."""
@@ -334,16 +391,17 @@ class RunningViewer:
 
 def start(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, audio: Optional[Path | str] = None,
           device: str = "auto", size: Optional[int] = None, progress: Optional[Progress] = None,
-          engine: Optional[ViewerEngine] = None) -> RunningViewer:
+          engine: Optional[ViewerEngine] = None, token: Optional[str] = None) -> RunningViewer:
     """Start the viewer in a background thread and return once it answers.
 
     ``port=0`` picks a free port (read it from the result's ``url`` or ``port``). ``engine``
     reuses an already loaded run (then ``run_dir``, ``audio``, ``device`` and ``size`` are unused).
+    ``token`` as in :func:`serve`.
 
     Raises:
         AvatarError: as :func:`serve`.
     """
-    httpd = _bind(host, port)
+    httpd = _bind(host, port, token)
     try:
         httpd.attach(engine or ViewerEngine(run_dir, audio=audio, device=device, size=size, progress=progress))
     except BaseException:
@@ -352,4 +410,5 @@ def start(run_dir: Path | str, host: str = "127.0.0.1", port: int = 0, audio: Op
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
                               name=f"avatar-viewer-{httpd.server_address[1]}", daemon=True)
     thread.start()
+    _warn_if_exposed(httpd)
     return RunningViewer(_url(httpd), httpd.engine, httpd, thread)
