@@ -15,7 +15,12 @@ The page plays the speech in an audio element and asks for the frame at the elem
 time, one request at a time: when rendering is slower than the frame rate, frames are skipped and
 the lips never fall behind the sound.
 
-The Host, Origin and token checks are in :mod:`avatar.viewer.security`.
+Hostile input (see :mod:`avatar.viewer.security` for the Host, Origin and token checks): at most
+``MAX_CONNECTIONS`` connections are served at once (more are answered 503 at once, without a
+thread), idle connections are dropped after ``IDLE_TIMEOUT_S``, one upload is read and decoded at a
+time, and every frame is rendered on one renderer thread. Rendering from each connection's own
+thread made memory grow with the number of clients: each thread got its own malloc arena (and
+OpenMP team) holding a render's worth of freed buffers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import socket
 import socketserver
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,7 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from avatar.errors import AvatarError
 from avatar.progress import Progress
-from avatar.viewer.engine import ViewerEngine
+from avatar.viewer.engine import Rendered, Speech, ViewerEngine
 from avatar.viewer.security import (
     STATE_CHANGING,
     WILDCARD_HOSTS,
@@ -52,6 +58,11 @@ from avatar.viewer.state import ViewState
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+"""Largest upload body; read into memory, and only one upload is read at a time."""
+MAX_CONNECTIONS = 32
+"""Connections served at once (a thread each); more are answered 503 Service Unavailable at once."""
+IDLE_TIMEOUT_S = 30.0
+"""A connection that sends nothing for this long is closed (its slot and thread are freed)."""
 MAX_SESSIONS = 64
 """Tabs whose state is kept; the least recently seen is forgotten first (it restarts from defaults)."""
 
@@ -91,7 +102,11 @@ class _Sessions:
 
 
 class _ViewerHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server holding the engine, the sessions, the page and the request guard."""
+    """A threading HTTP server holding the engine, the sessions, the page and the request guard.
+
+    A thread per connection, but at most ``MAX_CONNECTIONS`` of them; renders run on one renderer
+    thread and uploads on one decoder thread, whatever the number of clients.
+    """
 
     daemon_threads = True
 
@@ -102,6 +117,11 @@ class _ViewerHTTPServer(ThreadingHTTPServer):
         self.page = resources.files("avatar.viewer").joinpath("static", "index.html").read_bytes()
         self.token = token
         self.guard: Optional[RequestGuard] = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-viewer-render")
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="avatar-viewer-upload")
+        self._upload_slot = threading.Lock()
+        self._said_full = False
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -116,6 +136,73 @@ class _ViewerHTTPServer(ThreadingHTTPServer):
         self.engine = engine
         self.sessions = _Sessions(ViewState(speech=engine.default_speech))
 
+    # -- bounded connections -------------------------------------------------------------------
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on its own thread if a slot is free, else answer 503 and close it."""
+        if not self._slots.acquire(blocking=False):
+            if not self._said_full:  # once per busy spell: a flood of connections must not flood the log too
+                log.warning("%d connections are open; turning new ones away until some close", MAX_CONNECTIONS)
+                self._said_full = True
+            _turn_away(request)
+            self.shutdown_request(request)
+            return
+        self._said_full = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
+    # -- heavy work, off the connection threads ------------------------------------------------
+
+    def render(self, state: ViewState) -> Rendered:
+        """Render on the renderer thread (the engine serialises renders anyway; see the module docstring)."""
+        assert self.engine is not None
+        return self._renderer.submit(self.engine.render, state).result()
+
+    def add_speech(self, read_body: Callable[[], bytes], name: str) -> Speech:
+        """Read an upload's body and add it, one upload at a time (each may hold MAX_UPLOAD_BYTES in memory).
+
+        Raises:
+            _HTTPError: 503 while another upload is being read or decoded.
+        """
+        assert self.engine is not None
+        if not self._upload_slot.acquire(blocking=False):
+            raise _HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "another upload is being decoded; try again when done")
+        try:
+            data = read_body()
+            if not data:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "the upload is empty")
+            return self._decoder.submit(self.engine.add_speech_bytes, data, name).result()
+        finally:
+            self._upload_slot.release()
+
+
+_BUSY = json.dumps({"error": "the viewer is serving as many connections as it takes; try again"}).encode()
+
+
+def _turn_away(request: socket.socket) -> None:
+    """Answer 503 on a connection without reading it or giving it a thread (best effort, never blocks)."""
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(_BUSY)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n").encode()
+    try:
+        request.setblocking(False)
+        request.send(head + _BUSY)
+    except OSError:
+        pass
+
 
 class _HTTPError(Exception):
     def __init__(self, status: HTTPStatus, message: str):
@@ -128,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _ViewerHTTPServer
     protocol_version = "HTTP/1.1"
-    timeout = 120  # idle keep-alive connections end instead of holding a thread forever
+    timeout = IDLE_TIMEOUT_S  # idle connections end instead of holding a thread and a slot
     server_version = "avatar-viewer"
     disable_nagle_algorithm = True  # headers and body are two writes: without this, +40 ms per frame
 
@@ -238,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
         session = self._session(query)
         assert self.server.sessions is not None
         state = self.server.sessions.update(session, query)
-        rendered = self._engine.render(state)
+        rendered = self.server.render(state)
         self._send(rendered.jpeg, "image/jpeg", headers={
             "X-Frame-Info": json.dumps(rendered.info, separators=(",", ":")),
             "X-Render-Ms": f"{rendered.info['render_ms']:.2f}",
@@ -266,10 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post_speech(self, query: dict[str, str]) -> None:
         name = Path(query.get("name") or "upload").name[:120] or "upload"
-        data = self._body(MAX_UPLOAD_BYTES)
-        if not data:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the upload is empty")
-        speech = self._engine.add_speech_bytes(data, name)
+        speech = self.server.add_speech(lambda: self._body(MAX_UPLOAD_BYTES), name)
         self._json(speech.describe(self._engine.fps), HTTPStatus.CREATED)
 
 

@@ -1,4 +1,4 @@
-"""Hostile input to the viewer: foreign Host names, cross-site POSTs, the token, playlists, long audio.
+"""Hostile input to the viewer: foreign Host names, cross-site POSTs, the token, playlists, long audio, floods.
 
 All traffic stays on 127.0.0.1; loops and waits are bounded.
 """
@@ -9,6 +9,7 @@ import http.client
 import json
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -169,6 +170,72 @@ def test_too_long_upload_is_refused_without_decoding(viewer, tmp_path):
                                {"Content-Type": "application/octet-stream"}, long.read_bytes())
     assert status == 400 and "silence.flac is 660 s long; at most 600 s" in _error(body)
     assert time.monotonic() - started < 20 and _speech_ids(viewer) == speeches
+
+
+def test_one_upload_at_a_time_and_a_size_cap(viewer, tmp_path):
+    wav = media.write_wav(tmp_path / "a.wav", tone(0.5)).read_bytes()
+    slot = viewer._httpd._upload_slot
+    assert slot.acquire(timeout=30)
+    try:
+        status, _, body = _request(viewer.port, "POST", "/api/speech?name=a.wav", {}, wav)
+        assert status == 503 and "another upload" in _error(body)
+    finally:
+        slot.release()
+    conn = http.client.HTTPConnection("127.0.0.1", viewer.port, timeout=30)
+    try:  # announce a huge body and send none of it: refused from the header alone
+        conn.putrequest("POST", "/api/speech?name=big.wav")
+        conn.putheader("Content-Length", str(server.MAX_UPLOAD_BYTES + 1))
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 413 and response.getheader("Connection") == "close"
+    finally:
+        conn.close()
+
+
+# -- connections and memory --------------------------------------------------------------------------------
+
+
+def test_connections_are_bounded_and_idle_ones_dropped(viewer, monkeypatch):
+    monkeypatch.setattr(server, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(server._Handler, "timeout", 3.0)
+    with start(viewer.engine.run_dir, engine=viewer.engine) as bounded:
+        threads_before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", bounded.port), timeout=10) for _ in range(3)]
+        time.sleep(0.3)
+        extra = [socket.create_connection(("127.0.0.1", bounded.port), timeout=2.0) for _ in range(7)]
+        try:
+            for sock in extra:  # turned away at once (well before the idle timeout), without a thread
+                assert sock.recv(4096).startswith(b"HTTP/1.1 503 Service Unavailable")
+            assert threading.active_count() - threads_before <= 3
+            for sock in idle:  # dropped after the idle timeout
+                sock.settimeout(10)
+                assert sock.recv(4096) == b""
+        finally:
+            for sock in idle + extra:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while _request(bounded.port, "GET", "/api/info")[0] != 200:
+            assert time.monotonic() < deadline, "slots are given back"
+            time.sleep(0.1)
+
+
+def test_frames_of_all_clients_render_on_one_thread(viewer, monkeypatch):
+    """One renderer thread: memory does not grow with the number of clients (a malloc arena per thread)."""
+    names: set[str] = set()
+    render = viewer.engine.render
+
+    def recording_render(state):
+        names.add(threading.current_thread().name)
+        return render(state)
+
+    monkeypatch.setattr(viewer.engine, "render", recording_render)
+    clients = [threading.Thread(target=_request, args=(viewer.port, "GET", f"/api/frame?session=m{k}&t=0.{k}"))
+               for k in range(6)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(timeout=120)
+    assert len(names) == 1 and next(iter(names)).startswith("avatar-viewer-render"), names
 
 
 def test_page_calls_only_relative_same_origin_urls():
