@@ -71,6 +71,7 @@ def _refused(name: object, ffmpeg_text: str) -> Optional[InputError]:
 
 
 def _too_long(name: object, seconds: Optional[float], max_seconds: float) -> InputError:
+    """The error for audio over ``max_seconds`` (``seconds``: its probed length; None: found while decoding)."""
     length = f"is {seconds:.0f} s long" if seconds is not None else f"is longer than {max_seconds:.0f} s"
     return InputError(f"{name} {length}; at most {max_seconds:.0f} s of audio are accepted.")
 
@@ -275,14 +276,14 @@ def load_audio(path: Path | str, rate: int = AUDIO_RATE, max_seconds: Optional[f
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def _read_at_most(stream: IO[bytes], max_bytes: Optional[int], chunk: int = 1 << 20) -> Optional[bytes]:
+def _read_at_most(stream: IO[bytes], max_bytes: Optional[int], chunk: int = 1 << 20) -> Optional[bytearray]:
     """Everything ``stream`` gives until its end, or None as soon as that exceeds ``max_bytes``."""
     data = bytearray()
     while block := stream.read(chunk):
         data += block
         if max_bytes is not None and len(data) > max_bytes:
             return None
-    return bytes(data)
+    return data
 
 
 def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None) -> np.ndarray:
