@@ -277,7 +277,8 @@ def demo(out_dir: Path, iters: int | None, device: str) -> None:
 @main.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 also lets other machines connect).")
+              help="Address to listen on. 0.0.0.0 (or this machine's address) lets other machines connect: "
+                   "the printed URL then carries a token every request needs.")
 @click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on.")
 @click.option("--audio", type=click.Path(path_type=Path), default=None,
               help="Speech to start with (any audio or video file); the subject's own audio is offered too.")

@@ -4,17 +4,25 @@ Everything streams: frames are read one at a time from an ffmpeg pipe (with ffmp
 frame-rate resampling, crop and resize), and written one at a time into an encoder, so memory
 does not grow with the length of the video. Outputs are written under a temporary name and
 renamed when complete, so an interrupted run never leaves a half-written file.
+
+A user's file is opened with ffmpeg's allow-lists (:data:`SAFE_INPUT_FORMATS`, :data:`SAFE_PROTOCOLS`):
+playlists and concat scripts name further paths that ffmpeg would open, so a file of a few bytes
+could otherwise make the toolkit read, decode and hand back any local file (or a URL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import subprocess
+import tempfile
 import wave
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import IO, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +33,47 @@ log = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
 """Sample rate of all audio inside the toolkit (Hz, mono)."""
+
+SAFE_INPUT_FORMATS: tuple[str, ...] = (
+    "mov", "mp4", "m4a", "3gp", "matroska", "webm", "avi", "flv", "asf", "mpeg", "mpegts",
+    "wav", "w64", "aiff", "caf", "au", "mp3", "flac", "ogg", "aac", "ac3", "eac3", "amr", "wv",
+)
+"""ffmpeg demuxers a user's file may be read with: ordinary audio and video containers.
+
+Left out on purpose: playlists (hls, dash), concat scripts, image sequences, devices, network
+streams and text formats, which name further paths or URLs for ffmpeg to open. The mov demuxer's
+external references (``enable_drefs``) are off by default and stay off.
+"""
+
+SAFE_PROTOCOLS: tuple[str, ...] = ("file", "pipe")
+"""ffmpeg protocols a user's file may be read through (no network, no ``concat:``/``subfile:``)."""
+
+_REFUSED = re.compile(r"not on whitelist")
+
+
+def _file_url(path: Path | str) -> str:
+    """``file:`` and the absolute path, so that a name like ``http:x`` or ``concat:a|b`` stays a file name."""
+    return "file:" + str(Path(path).absolute())
+
+
+def safe_input_args(path: Path | str) -> list[str]:
+    """ffmpeg arguments that open a user's file as input, with the demuxer and protocol allow-lists."""
+    return ["-protocol_whitelist", ",".join(SAFE_PROTOCOLS), "-format_whitelist", ",".join(SAFE_INPUT_FORMATS),
+            "-i", _file_url(path)]
+
+
+def _refused(name: object, ffmpeg_text: str) -> Optional[InputError]:
+    """The error to raise when ffmpeg refused the input for an allow-list (None when it did not)."""
+    if _REFUSED.search(ffmpeg_text) is None:
+        return None
+    return InputError(f"{name} is not an audio or video file this toolkit reads (playlists, concat lists and "
+                      f"other files that point at further files or URLs are refused).")
+
+
+def _too_long(name: object, seconds: Optional[float], max_seconds: float) -> InputError:
+    """The error for audio over ``max_seconds`` (``seconds``: its probed length; None: found while decoding)."""
+    length = f"is {seconds:.0f} s long" if seconds is not None else f"is longer than {max_seconds:.0f} s"
+    return InputError(f"{name} {length}; at most {max_seconds:.0f} s of audio are accepted.")
 
 
 def ffmpeg_exe() -> str:
@@ -64,25 +113,32 @@ _AUDIO = re.compile(r"Stream #\S+.*?: Audio: (\w+)")
 _ROTATE = re.compile(r"(?:rotate\s*:\s*|rotation of\s*)(-?[\d.]+)")
 
 
-def probe(path: Path | str) -> MediaInfo:
-    """Read the container header of ``path``.
+def probe(path: Path | str, name: Optional[str] = None) -> MediaInfo:
+    """Read the container header of ``path`` (only containers of :data:`SAFE_INPUT_FORMATS`).
+
+    Args:
+        name: how error messages call the file (an upload's own name rather than its temporary path).
 
     Raises:
-        InputError: the file does not exist or ffmpeg cannot read it as media.
+        InputError: the file does not exist, ffmpeg cannot read it as media, or it is a refused
+            kind (a playlist, a concat list).
     """
     path = Path(path)
+    label = name or path
     if not path.is_file():
-        raise InputError(f"{path} does not exist or is not a file.")
+        raise InputError(f"{label} does not exist or is not a file.")
     proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", *safe_input_args(path)],
         capture_output=True,
         text=True,
         errors="replace",
     )
     text = proc.stderr
     if "Input #0" not in text:
+        if (refused := _refused(label, text)) is not None:
+            raise refused
         reason = text.strip().splitlines()[-1] if text.strip() else "unknown format"
-        raise InputError(f"{path} is not a readable video or audio file ({reason}).")
+        raise InputError(f"{label} is not a readable video or audio file ({reason}).")
     duration = None
     if (m := _DURATION.search(text)) is not None:
         h, mi, s = m.groups()
@@ -151,10 +207,13 @@ def iter_frames(
     if size is not None:
         filters.append(f"scale={size[0]}:{size[1]}:flags=area")
     output_params = ["-vf", ",".join(filters)] if filters else None
-    gen = imageio_ffmpeg.read_frames(str(path), output_params=output_params)
+    *allow, _, url = safe_input_args(path)
+    gen = imageio_ffmpeg.read_frames(url, input_params=allow, output_params=output_params)
     try:
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration) as err:
+        if (refused := _refused(path, str(err))) is not None:
+            raise refused from None
         raise InputError(f"{path} could not be decoded as video ({_last_line(err)}).") from None
     w, h = meta["size"]
     n = 0
@@ -176,26 +235,71 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def load_audio(path: Path | str, rate: int = AUDIO_RATE) -> np.ndarray:
-    """Decode the first audio stream of any file ffmpeg reads to mono float32 in [-1, 1].
+def load_audio(path: Path | str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None,
+               name: Optional[str] = None) -> np.ndarray:
+    """Decode the first audio stream of an audio or video file to mono float32 in [-1, 1].
+
+    Args:
+        max_seconds: refuse longer audio. The container's duration is checked before decoding
+            and the decoded samples are counted while decoding (a header can lie), so a small
+            file of hours of silence costs neither the time nor the memory of decoding it.
+        name: how error messages call the file (an upload's own name rather than its temporary path).
 
     Raises:
-        InputError: the file has no audio stream or cannot be decoded.
+        InputError: no audio stream, undecodable, a refused kind of file, or longer than ``max_seconds``.
     """
     path = Path(path)
-    info = probe(path)
+    label = name or path
+    info = probe(path, name=name)
     if not info.has_audio:
-        raise InputError(f"{path} has no audio stream.")
-    proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path),
-         "-vn", "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"],
-        capture_output=True,
-    )
-    if proc.returncode != 0 and not proc.stdout:
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise InputError(f"{path}: audio could not be decoded ({msg[-1] if msg else 'ffmpeg failed'}).")
-    samples = np.frombuffer(proc.stdout, dtype="<i2").astype(np.float32) / 32768.0
-    return samples
+        raise InputError(f"{label} has no audio stream.")
+    if max_seconds is not None and info.duration_s is not None and info.duration_s > max_seconds:
+        raise _too_long(label, info.duration_s, max_seconds)
+    max_bytes = None if max_seconds is None else 2 * int(max_seconds * rate)
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *safe_input_args(path),
+               "-vn", "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"]
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe: ffmpeg never blocks on its messages
+        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc:
+            assert proc.stdout is not None
+            pcm = _read_at_most(proc.stdout, max_bytes)
+            if pcm is None:
+                proc.kill()
+                raise _too_long(label, None, float(max_seconds or 0))
+            returncode = proc.wait()
+        errors.seek(0)
+        text = errors.read().decode(errors="replace")
+    if returncode != 0 and not pcm:
+        if (refused := _refused(label, text)) is not None:
+            raise refused
+        msg = text.strip().splitlines()
+        raise InputError(f"{label}: audio could not be decoded ({msg[-1] if msg else 'ffmpeg failed'}).")
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def _read_at_most(stream: IO[bytes], max_bytes: Optional[int], chunk: int = 1 << 20) -> Optional[bytearray]:
+    """Everything ``stream`` gives until its end, or None as soon as that exceeds ``max_bytes``."""
+    data = bytearray()
+    while block := stream.read(chunk):
+        data += block
+        if max_bytes is not None and len(data) > max_bytes:
+            return None
+    return data
+
+
+def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None) -> np.ndarray:
+    """:func:`load_audio` of a file received as bytes (an upload); messages call it ``name``.
+
+    The bytes go to a private temporary file (ffmpeg probes files by their content and suffix;
+    the suffix of ``name`` is kept) that is removed before returning.
+    """
+    suffix = Path(name).suffix[:12] if Path(name).suffix.isascii() else ""
+    fd, tmp = tempfile.mkstemp(prefix="avatar-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return load_audio(tmp, rate, max_seconds=max_seconds, name=name)
+    finally:
+        os.unlink(tmp)
 
 
 def write_wav(path: Path | str, samples: np.ndarray, rate: int = AUDIO_RATE) -> Path:
@@ -233,6 +337,13 @@ class VideoWriter:
         with VideoWriter(out, fps=25, audio=wav) as writer:
             for frame in frames:
                 writer.write(frame)
+
+    The audio may be a user's file, so it is opened with the allow-lists of
+    :func:`safe_input_args`; that is why the ffmpeg command is built here rather than by
+    imageio-ffmpeg, which cannot give options to a second input.
+
+    Raises:
+        InputError: (on entering) the audio file is missing, unreadable or a refused kind.
     """
 
     def __init__(self, path: Path | str, fps: float, audio: Optional[Path | str] = None,
@@ -243,42 +354,87 @@ class VideoWriter:
         self.crf = crf
         self.preset = preset
         self.shortest = shortest
-        self._gen = None
+        self._proc: Optional[subprocess.Popen] = None
+        self._errors: Optional[IO[bytes]] = None
+        self._shape: tuple[int, ...] = ()
         self._tmp: Optional[Path] = None
         self._ctx = None
         self.n_frames = 0
 
     def __enter__(self) -> "VideoWriter":
+        if self.audio is not None:
+            probe(self.audio)  # a missing, unreadable or refused audio file fails before any encoding
         self._ctx = atomic_output(self.path)
         self._tmp = self._ctx.__enter__()
         return self
 
+    def _command(self, width: int, height: int) -> list[str]:
+        fps = Fraction(self.fps).limit_denominator()  # a rational: 24000/1001 is not rounded
+        cmd = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+               "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"]
+        if self.audio is not None:
+            cmd += [*safe_input_args(self.audio), "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac"]
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", str(self.crf), "-preset", self.preset,
+                "-movflags", "+faststart"]
+        if self.audio is not None and self.shortest:
+            cmd += ["-shortest"]
+        return cmd + [str(self._tmp)]
+
     def write(self, frame: np.ndarray) -> None:
         """Append one uint8 RGB frame [H, W, 3]; all frames must share one even size."""
-        import imageio_ffmpeg
-
         frame = np.ascontiguousarray(frame, dtype=np.uint8)
-        if self._gen is None:
+        if self._proc is None:
             h, w = frame.shape[:2]
             if h % 2 or w % 2:
                 raise ValueError(f"yuv420p needs even frame sizes, got {w}x{h}")
-            out_params = ["-crf", str(self.crf), "-preset", self.preset, "-movflags", "+faststart"]
-            if self.audio is not None and self.shortest:
-                out_params += ["-shortest"]
-            self._gen = imageio_ffmpeg.write_frames(
-                str(self._tmp), (w, h), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
-                quality=None, macro_block_size=1, output_params=out_params,
-                audio_path=str(self.audio) if self.audio else None,
-                audio_codec="aac" if self.audio else None, ffmpeg_log_level="error",
-            )
-            self._gen.send(None)
-        self._gen.send(frame)
+            self._shape = (h, w, 3)
+            # stderr goes to a file: a pipe nobody reads could fill up and stall ffmpeg
+            self._errors = tempfile.TemporaryFile()
+            # its own session: Ctrl-C reaches Python only, which then kills ffmpeg and removes the partial file
+            self._proc = subprocess.Popen(self._command(w, h), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=self._errors, start_new_session=True)
+        if frame.shape != self._shape:
+            raise ValueError(f"all frames must be {self._shape}, got {frame.shape}")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(frame.data)
+        except BrokenPipeError:
+            raise self._failure() from None
         self.n_frames += 1
+
+    def _failure(self) -> Exception:
+        """Why ffmpeg stopped, from its messages (it has exited or is about to)."""
+        assert self._proc is not None and self._errors is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=10)
+        self._errors.seek(0)
+        text = self._errors.read().decode(errors="replace")
+        if (refused := _refused(self.audio, text)) is not None:
+            return refused
+        lines = text.strip().splitlines()
+        return OSError(f"ffmpeg could not encode {self.path} ({lines[-1] if lines else 'no message'}).")
+
+    def _close_encoder(self, failed: bool) -> None:
+        """Let ffmpeg finish the file (or kill it when the block failed); raise if it failed."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if failed:
+                proc.kill()
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+            if proc.wait() != 0 and not failed:
+                raise self._failure()
+        finally:
+            self._proc = None
+            if self._errors is not None:
+                self._errors.close()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            if self._gen is not None:
-                self._gen.close()
+            self._close_encoder(failed=exc_type is not None)
             if exc_type is None and self.n_frames == 0:
                 raise ValueError("no frames were written")
         except BaseException as err:
@@ -310,12 +466,14 @@ def decode_audio_to_wav(src: Path | str, dst: Path | str, rate: int = AUDIO_RATE
     if not probe(src).has_audio:
         raise InputError(f"{src} has no audio stream.")
     proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
+        [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *safe_input_args(src),
          "-vn", "-ac", "1", "-ar", str(rate), "-acodec", "pcm_s16le", "-f", "wav", str(dst)],
         capture_output=True,
     )
     if proc.returncode != 0 or not dst.is_file():
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        if (refused := _refused(src, "\n".join(msg))) is not None:
+            raise refused
         raise InputError(f"{src}: audio could not be decoded ({msg[-1] if msg else 'ffmpeg failed'}).")
     with wave.open(str(dst), "rb") as wf:
         n = wf.getnframes()

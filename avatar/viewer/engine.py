@@ -15,8 +15,6 @@ import io
 import itertools
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 import wave
@@ -30,7 +28,7 @@ import torch
 from torch import Tensor
 
 from avatar.errors import AvatarError, InputError
-from avatar.media import AUDIO_RATE, load_audio
+from avatar.media import AUDIO_RATE, load_audio, load_audio_bytes
 from avatar.models import FrameCondition
 from avatar.progress import Progress
 from avatar.run import load_avatar
@@ -212,19 +210,12 @@ class ViewerEngine:
         return speech
 
     def add_speech_bytes(self, data: bytes, name: str) -> Speech:
-        """Decode an uploaded file (any format ffmpeg reads) and add it; see :meth:`add_speech`."""
-        suffix = Path(name).suffix[:12] if Path(name).suffix.isascii() else ""
-        fd, tmp = tempfile.mkstemp(prefix="avatar-upload-", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            try:
-                samples = load_audio(tmp)
-            except InputError:
-                raise InputError(f"{name} could not be decoded as audio; upload a wav, mp3, m4a or video file.") from None
-        finally:
-            os.unlink(tmp)
-        return self.add_speech(samples, name)
+        """Decode an uploaded file and add it; see :meth:`add_speech`.
+
+        Only ordinary audio/video containers are read (a playlist would make ffmpeg read other local files),
+        and speech longer than ``MAX_SPEECH_S`` is refused before and while decoding (a small file can hold hours).
+        """
+        return self.add_speech(load_audio_bytes(data, name, max_seconds=MAX_SPEECH_S), name)
 
     def speech(self, speech_id: str) -> Speech:
         """The speech with this id; the default one for an empty or dropped id."""

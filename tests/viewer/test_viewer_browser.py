@@ -40,3 +40,20 @@ def test_headless_chromium_shows_the_avatar(viewer, tmp_path):
     assert canvas.std() > 10.0, f"the canvas is blank: no frame was drawn ({log})"
     panel = image[60:440, 500:780].astype(np.float32)
     assert panel.std() > 3.0, "the control panel is missing"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_page_works_with_a_token(viewer, tmp_path):
+    """Opened by its ?token= URL once, the page's own requests carry the cookie and draw frames."""
+    from avatar.viewer import start
+    from avatar.viewer.security import new_token
+
+    with start(viewer.engine.run_dir, engine=viewer.engine, token=new_token()) as guarded:
+        assert "?token=" in guarded.url
+        for attempt, budget in enumerate((5000, 15000)):
+            image, log = _screenshot(guarded.url, tmp_path / f"token{attempt}.png", tmp_path / f"p{attempt}", budget)
+            assert image is not None, f"no screenshot ({log})"
+            canvas = image[60:440, 20:440].astype(np.float32)
+            if canvas.std() > 10.0:
+                break
+        assert canvas.std() > 10.0, f"no frame was drawn with the token cookie ({log})"
