@@ -95,14 +95,14 @@ SUBJECT_OPTION = click.option(
 STEP_OPTION = click.option(
     "--step", type=click.IntRange(min=0), default=None,
     help="Use the checkpoint of this step [default: the newest complete one].")
-SIZE = click.IntRange(min=16)
-"""Rendered sizes: below 16 pixels there is no face to see."""
+SIZE = click.IntRange(16, 4096)
+"""Rendered sizes: below 16 pixels there is no face to see, above 4096 a frame alone outgrows memory."""
 
 
 @main.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Directory to write sample.mp4, sample.wav and sample_truth.npz.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the utterance; another seed gives new speech (e.g. for rendering).")
 @click.option("--duration", type=click.FloatRange(1.0, 3600.0), default=24.0, show_default=True,
               help="Length in seconds.")

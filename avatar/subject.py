@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import threading
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -241,8 +240,9 @@ class Subject:
             except ValueError as err:  # numpy refuses pickled objects with a ValueError
                 raise InputError(f"{self.paths.tracks} cannot be loaded safely ({err}); preprocess the video "
                                  "again.") from None
-            except (OSError, EOFError, zipfile.BadZipFile) as err:
-                raise InputError(f"{self.paths.tracks} is unreadable ({err}); preprocess the video again.") from None
+            except Exception as err:  # noqa: BLE001 - a damaged file fails in zipfile, zlib or numpy's header parser
+                raise InputError(f"{self.paths.tracks} is unreadable ({type(err).__name__}); preprocess the video "
+                                 "again.") from None
         return self._tracks
 
     def frame_indices(self, split: str) -> np.ndarray:

@@ -27,7 +27,7 @@ from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_co
 from avatar.image_metrics import RegionErrors, lpips_or_none, psnr, ssim
 from avatar.models import AvatarModel, FrameCondition
 from avatar.progress import Progress, track
-from avatar.run import RunPaths, load_avatar, resolve_device
+from avatar.run import RunPaths, load_avatar, read_config, resolve_device
 from avatar.speak import SpeechDriver
 from avatar.subject import MASK_LEGEND, SubjectPaths
 from avatar.subject_data import SubjectData
@@ -172,6 +172,7 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
         AvatarError: bad run directory, unknown split, output directory missing or not writable, an
             output that is an input, subject not found.
     """
+    read_config(run_dir)  # "not a run" before "RUN/eval_val.mp4 has no directory"
     outputs = [Path(out) for out in (json_path, video_path) if out is not None]
     for out in outputs:
         check_output_dir(out)

@@ -81,17 +81,18 @@ def check_speech(wav: Path, source: Path) -> None:
         raise InputError(f"{source} is silent; give a recording of speech.")
 
 
-MIN_SIZE = 16
+MIN_SIZE, MAX_SIZE = 16, 4096
 
 
 def check_size(size: Optional[int]) -> None:
-    """Refuse a size that renders no face (``--size 0``, ``--size -8``) before anything is loaded.
+    """Refuse a size that renders no face (``--size 0``, ``--size -8``) or outgrows memory, before
+    anything is loaded.
 
     Raises:
-        InputError: a size below :data:`MIN_SIZE`.
+        InputError: a size outside :data:`MIN_SIZE`..:data:`MAX_SIZE`.
     """
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE):
-        raise InputError(f"--size must be a whole number of at least {MIN_SIZE} pixels, got {size!r}.")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE):
+        raise InputError(f"--size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {size!r}.")
 
 
 def output_size(requested: Optional[int], trained: int) -> int:
