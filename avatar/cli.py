@@ -1,6 +1,8 @@
 """The ``avatar`` command line: parses arguments, calls one library function, prints results.
 
-Errors a user can fix (:class:`avatar.errors.AvatarError`) become one sentence and exit code 1.
+Errors a user can fix (:class:`avatar.errors.AvatarError`) become one sentence and exit code 1, and
+so do the file system's refusals (a read-only directory, a full disk); numbers out of range are
+refused by the options themselves (exit code 2).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class _Group(click.Group):
         except AvatarError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(1)
+        except OSError as err:  # read-only directory, full disk, a file vanishing under us
+            where = f" {err.filename}" if err.filename else ""
+            click.echo(f"Error: the file system refused{where} ({err.strerror or err}); check the path, its "
+                       "permissions and the free space.", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -85,14 +92,20 @@ def main(verbose: int) -> None:
 SUBJECT_OPTION = click.option(
     "--subject", type=click.Path(path_type=Path), default=None,
     help="The run's subject directory, when it has moved since training.")
+STEP_OPTION = click.option(
+    "--step", type=click.IntRange(min=0), default=None,
+    help="Use the checkpoint of this step [default: the newest complete one].")
+SIZE = click.IntRange(16, 4096)
+"""Rendered sizes: below 16 pixels there is no face to see, above 4096 a frame alone outgrows memory."""
 
 
 @main.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="Directory to write sample.mp4, sample.wav and sample_truth.npz.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed of the utterance; another seed gives new speech (e.g. for rendering).")
-@click.option("--duration", type=float, default=24.0, show_default=True, help="Length in seconds.")
+@click.option("--duration", type=click.FloatRange(1.0, 3600.0), default=24.0, show_default=True,
+              help="Length in seconds.")
 def sample(out_dir: Path, seed: int, duration: float) -> None:
     """Write the synthetic talking-head sample (video, audio, ground truth) into a directory."""
     from avatar.sample import SampleConfig, make_sample
@@ -109,8 +122,10 @@ def sample(out_dir: Path, seed: int, duration: float) -> None:
               help="Subject directory to write (resumed if it holds this video's subject).")
 @click.option("--audio", type=click.Path(path_type=Path), default=None,
               help="Speech to use instead of the video's own audio track.")
-@click.option("--size", type=int, default=512, show_default=True, help="Side of the square crop in pixels.")
-@click.option("--fps", type=float, default=25.0, show_default=True, help="Constant frame rate to resample to.")
+@click.option("--size", type=click.IntRange(min=64), default=512, show_default=True,
+              help="Side of the square crop in pixels (even).")
+@click.option("--fps", type=click.FloatRange(1.0, 120.0), default=25.0, show_default=True,
+              help="Constant frame rate to resample to.")
 @click.option("--audio-features", default="mel", show_default=True,
               help="mel (no weights), hubert:PATH_OR_NAME or wav2vec2:PATH_OR_NAME (local weights).")
 @click.option("--device", default="cpu", show_default=True, help="Device for hubert/wav2vec2 features.")
@@ -149,15 +164,17 @@ def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: f
               help="Avatar model.")
 @click.option("--preset", type=click.Choice(["fast", "default", "best"]), default="fast", show_default=True,
               help="fast: CPU, 256 px, minutes. default/best: GPU, 512 px.")
-@click.option("--iters", type=int, default=None, help="Training iterations (overrides the preset).")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Training iterations (overrides the preset).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--resume", is_flag=True, help="Continue the run in the output directory from its newest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in the output directory from its newest complete checkpoint (step 0 if none).")
+@click.option("--force", is_flag=True, help="Replace the run in the output directory (only a run).")
 @click.option("--no-eval", is_flag=True, help="Skip the validation metrics at the end.")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE",
               help="Change one option of RUN/config.json over the preset, e.g. --set loss.mouth=2.0 "
                    "(repeatable; VALUE is JSON or a plain string).")
 def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | None, device: str,
-          resume: bool, no_eval: bool, assignments: tuple[str, ...]) -> None:
+          resume: bool, force: bool, no_eval: bool, assignments: tuple[str, ...]) -> None:
     """Train a talking-head avatar on a preprocessed SUBJECT."""
     from avatar.configs import parse_assignments
     from avatar.eval import evaluate_run
@@ -170,16 +187,21 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
         raise click.BadParameter(str(err), param_hint="--set") from None
     if iters is not None:
         overrides["iterations"] = iters
+    if resume and force:
+        raise click.UsageError("--resume continues a run and --force replaces it; pass only one of them.")
     progress = ConsoleProgress()
     try:
         result = run_train(subject, run_dir, preset=preset, overrides=overrides or None, device=device,
-                           resume=resume, progress=progress)
+                           resume=resume, progress=progress, force=force)
         m = None if no_eval else evaluate_run(run_dir, "val", RunPaths(run_dir).metrics, device=device,
                                                progress=progress, extra={**result.summary(), "preset": preset})
     finally:
         progress.close()
-    click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
-               f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
+    if result.steps == result.start_step:
+        click.echo(f"{result.run_dir} is already trained to step {result.steps}; raise --iters to train it further.")
+    else:
+        click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
+                   f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
     if m:
         parts = [f"PSNR {m['psnr']:.2f} dB"]
         if m.get("psnr_head") is not None:
@@ -197,19 +219,21 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .mp4.")
 @click.option("--pose", default="loop", show_default=True, help="loop, static, static:N or a pose .npz.")
 @click.option("--blink", default="auto", show_default=True, help="auto, none or a per-frame blink file.")
-@click.option("--size", type=int, default=None, help="Output resolution (default: the training one).")
+@click.option("--size", type=SIZE, default=None,
+              help="Output resolution (even; an odd one is rounded up) [default: the training one].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--batch", type=int, default=8, show_default=True, help="Frames deformed together.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Frames deformed together.")
 @SUBJECT_OPTION
+@STEP_OPTION
 def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, size: int | None,
-           device: str, batch: int, subject: Path | None) -> None:
+           device: str, batch: int, subject: Path | None, step: int | None) -> None:
     """Render the avatar of RUN saying new speech into an mp4."""
     from avatar.speak import RenderOptions, render_speech
 
     progress = ConsoleProgress()
     try:
         summary = render_speech(run_dir, speech, output, RenderOptions(
-            pose=pose, blink=blink, size=size, device=device, batch=batch, subject=subject), progress)
+            pose=pose, blink=blink, size=size, device=device, batch=batch, subject=subject, step=step), progress)
     finally:
         progress.close()
     click.echo(f"Wrote {summary.output}: {summary.n_frames} frames ({summary.duration_s:.1f} s) at "
@@ -224,8 +248,9 @@ def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, siz
               help="Side-by-side GT | render mp4 (default: RUN/eval_SPLIT.mp4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @SUBJECT_OPTION
+@STEP_OPTION
 def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | None, device: str,
-             subject: Path | None) -> None:
+             subject: Path | None, step: int | None) -> None:
     """Re-render a split of the subject and compare with the ground truth."""
     import json
 
@@ -234,7 +259,7 @@ def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | No
     progress = ConsoleProgress()
     video = video or Path(run_dir) / f"eval_{split}.mp4"
     try:
-        metrics = evaluate_run(run_dir, split, json_path, video, device, progress, subject=subject)
+        metrics = evaluate_run(run_dir, split, json_path, video, device, progress, subject=subject, step=step)
     finally:
         progress.close()
     click.echo(json.dumps(metrics, indent=2))
@@ -244,18 +269,19 @@ def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | No
 @main.command()
 @click.argument("run_dir", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .ply.")
-def export(run_dir: Path, output: Path) -> None:
+@STEP_OPTION
+def export(run_dir: Path, output: Path, step: int | None) -> None:
     """Write the canonical Gaussians of RUN as a standard 3D Gaussian splatting .ply."""
     from avatar.export import export_run
 
-    path, count = export_run(run_dir, output)
+    path, count = export_run(run_dir, output, step=step)
     click.echo(f"Wrote {count} Gaussians to {path}")
 
 
 @main.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("avatar-demo"),
               show_default=True, help="Directory for everything the demo makes.")
-@click.option("--iters", type=int, default=None, help="Training iterations (default: the fast preset's).")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Training iterations (default: the fast preset's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 def demo(out_dir: Path, iters: int | None, device: str) -> None:
     """Sample -> preprocess -> train (fast) -> render new speech -> eval, on the built-in sample."""
@@ -279,10 +305,10 @@ def demo(out_dir: Path, iters: int | None, device: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. 0.0.0.0 (or this machine's address) lets other machines connect: "
                    "the printed URL then carries a token every request needs.")
-@click.option("--port", type=int, default=7860, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to listen on.")
 @click.option("--audio", type=click.Path(path_type=Path), default=None,
               help="Speech to start with (any audio or video file); the subject's own audio is offered too.")
-@click.option("--size", type=int, default=None, help="Side of the rendered frames in pixels [default: training resolution].")
+@click.option("--size", type=SIZE, default=None, help="Side of the rendered frames in pixels [default: training resolution].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @SUBJECT_OPTION
 def view(run_dir: Path, host: str, port: int, audio: Path | None, size: int | None, device: str,

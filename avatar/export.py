@@ -9,12 +9,13 @@ Gaussians are written together, undeformed (the avatar's neutral, canonical head
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from avatar.atomic import atomic_output
+from avatar.atomic import atomic_output, check_output_dir, clean_stale, refuse_overwrite
 from avatar.errors import InputError
-from avatar.run import load_avatar
+from avatar.run import RunPaths, load_avatar
 
 
 def ply_fields(n_sh: int) -> list[str]:
@@ -54,16 +55,20 @@ def read_ply(path: Path | str) -> dict[str, np.ndarray]:
     return {name: table[:, i] for i, name in enumerate(names)}
 
 
-def export_run(run_dir: Path | str, output: Path | str) -> tuple[Path, int]:
-    """Write the run's canonical Gaussians to ``output`` (.ply); returns (path, count).
+def export_run(run_dir: Path | str, output: Path | str, step: Optional[int] = None) -> tuple[Path, int]:
+    """Write the run's canonical Gaussians (of checkpoint ``step``, default the newest complete
+    one) to ``output`` (.ply); returns (path, count).
 
     Raises:
-        AvatarError: not a run, a bad output name, or a model kind without Gaussians.
+        AvatarError: not a run, a bad output name or place, or a model kind without Gaussians.
     """
     output = Path(output)
     if output.suffix.lower() != ".ply":
         raise InputError(f"{output} should end in .ply.")
-    avatar = load_avatar(run_dir, "cpu", need_subject=False)
+    check_output_dir(output)
+    refuse_overwrite(output, *RunPaths(run_dir).inputs())
+    avatar = load_avatar(run_dir, "cpu", step=step, need_subject=False)
+    clean_stale(output.parent)
     arrays = avatar.model.canonical_gaussians()
     if arrays is None:
         raise InputError(f"{run_dir} is a {avatar.kind} avatar, which has no Gaussians to export.")

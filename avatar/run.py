@@ -11,7 +11,9 @@ Layout::
 
 A checkpoint holds the model, the optimizers' moments, the densification state and the random
 generators, so that ``--resume`` continues exactly where training stopped. Checkpoints are
-safetensors + JSON: loading one never executes code.
+safetensors + JSON: loading one never executes code. The JSON records the size and sha256 of the
+safetensors file, and every load checks them (and the safetensors header): a checkpoint truncated
+by a full disk or a killed writer is skipped, with a warning, for the newest complete one.
 
 Everything that uses a trained avatar (rendering speech, evaluation, the viewer, export) loads it
 with :func:`load_avatar`, which dispatches on the run's model kind and finds its subject.
@@ -22,7 +24,9 @@ the subject and the training resolution.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -33,10 +37,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from avatar.atomic import atomic_output, write_json_atomic
+from avatar.atomic import atomic_output, clean_stale, scratch_dir, write_json_atomic
 from avatar.errors import AvatarError, InputError
 from avatar.models import MODEL_KINDS, AvatarModel
 from avatar.subject import SubjectPaths, read_manifest
+
+log = logging.getLogger(__name__)
 
 RUN_FORMAT_VERSION = 1
 """Version of ``config.json``'s layout; a run of another version is refused with a clear sentence."""
@@ -77,14 +83,24 @@ class RunPaths:
         stem = self.checkpoints / f"step_{step:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
-    def latest_checkpoint(self) -> Optional[int]:
-        """Step of the newest complete checkpoint (both files present), or None."""
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the checkpoints whose two files are present, newest first (not yet verified:
+        see :func:`load_checkpoint`)."""
         steps = []
         for p in self.checkpoints.glob("step_*.json"):
             m = re.fullmatch(r"step_(\d+)\.json", p.name)
             if m and p.with_suffix(".safetensors").is_file():
                 steps.append(int(m.group(1)))
-        return max(steps) if steps else None
+        return sorted(set(steps), reverse=True)
+
+    def latest_checkpoint(self) -> Optional[int]:
+        """Step of the newest checkpoint with both files present, or None."""
+        steps = self.checkpoint_steps()
+        return steps[0] if steps else None
+
+    def inputs(self) -> list[Path]:
+        """What commands read from a run and must never write over (see ``refuse_overwrite``)."""
+        return [self.config, self.checkpoints]
 
 
 def _flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -116,8 +132,15 @@ def save_checkpoint(
     extra_json: dict[str, Any],
     keep: int = 3,
 ) -> Path:
-    """Write ``step_N.safetensors`` and ``step_N.json`` atomically; keep the newest ``keep``."""
+    """Write ``step_N.safetensors`` and ``step_N.json`` atomically; keep the newest ``keep``.
+
+    The JSON lands last and records the tensors file's size and sha256, so that a reader can
+    tell a complete checkpoint from one cut short. safetensors writes through a temporary file of
+    its own (``.tmpXXXXXX``, no pid): it writes inside a scratch directory named with our pid, so a
+    killed writer's leftovers are recognised and removed by the next run.
+    """
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    clean_stale(paths.checkpoints, legacy_tmp=True)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt_meta = {}
     for name, opt in optimizers.items():
@@ -127,37 +150,141 @@ def save_checkpoint(
     tensors.update({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
     st_path, json_path = paths.checkpoint(step)
     with atomic_output(st_path) as tmp_st:
-        save_file(tensors, str(tmp_st))
-    meta = {"version": CHECKPOINT_VERSION, "step": step, "optimizers": opt_meta, **extra_json}
+        with scratch_dir("ckpt", paths.checkpoints) as scratch:
+            save_file(tensors, str(scratch / st_path.name))
+            os.replace(scratch / st_path.name, tmp_st)
+        digest, size = file_sha256(tmp_st), tmp_st.stat().st_size
+    meta = {"version": CHECKPOINT_VERSION, "step": step, "size": size, "sha256": digest, "optimizers": opt_meta,
+            **extra_json}
     write_json_atomic(json_path, json.dumps(meta, indent=1))  # lands last: marks the checkpoint complete
-    steps = sorted(int(p.stem.split("_")[1]) for p in paths.checkpoints.glob("step_*.json"))
-    for old in steps[:-keep]:
+    for old in sorted(paths.checkpoint_steps())[:-keep]:
         for p in paths.checkpoint(old):
             p.unlink(missing_ok=True)
     return st_path
 
 
-def load_checkpoint(paths: RunPaths, step: Optional[int] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and JSON of a checkpoint (the newest when ``step`` is None).
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BrokenCheckpoint(InputError):
+    """A checkpoint whose files are cut short, corrupt or inconsistent (an older one may be fine)."""
+
+
+def _safetensors_data_end(path: Path) -> int:
+    """The file size the safetensors header of ``path`` describes (8 + header + data).
 
     Raises:
-        InputError: no complete checkpoint, or one written by an incompatible version.
+        BrokenCheckpoint: no readable header.
     """
-    step = paths.latest_checkpoint() if step is None else step
-    if step is None:
-        raise InputError(f"{paths.root} has no checkpoint; train it with `avatar train SUBJECT -o {paths.root}`.")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise BrokenCheckpoint(f"{path.name} is truncated or not a safetensors file (header)")
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise BrokenCheckpoint(f"{path.name} has a corrupt safetensors header ({type(err).__name__})") from None
+    return 8 + n + max(ends, default=0)
+
+
+def verify_checkpoint(paths: RunPaths, step: int) -> dict[str, Any]:
+    """The JSON of checkpoint ``step`` after checking that both files are whole: the JSON parses
+    and names its step, the safetensors file has a readable header and the size it describes,
+    and (checkpoints written since the checksum was added) the recorded size and sha256 match.
+
+    Raises:
+        BrokenCheckpoint: the first problem found, in words.
+        InputError: a checkpoint of another format version.
+    """
     st_path, json_path = paths.checkpoint(step)
+    if not (st_path.is_file() and json_path.is_file()):
+        raise BrokenCheckpoint(f"step {step} is missing {st_path.name if not st_path.is_file() else json_path.name}")
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BrokenCheckpoint(f"{json_path.name} is unreadable ({type(err).__name__})") from None
+    if not isinstance(meta, dict) or "version" not in meta:
+        raise BrokenCheckpoint(f"{json_path.name} is not a checkpoint's JSON")
+    if meta["version"] != CHECKPOINT_VERSION:
+        raise InputError(f"{st_path} was written by checkpoint format {meta['version']!r}, this avatar reads "
+                         f"{CHECKPOINT_VERSION}; train the run again.")
+    if type(meta.get("step")) is not int or meta["step"] != step:
+        raise BrokenCheckpoint(f"{json_path.name} names step {meta.get('step')!r}")
+    size = st_path.stat().st_size
+    if "size" in meta and meta["size"] != size:
+        raise BrokenCheckpoint(f"{st_path.name} holds {size} bytes, {meta['size']!r} were written")
+    described = _safetensors_data_end(st_path)
+    if described != size:
+        raise BrokenCheckpoint(f"{st_path.name} holds {size} bytes, its header describes {described}")
+    if "sha256" in meta and meta["sha256"] != file_sha256(st_path):
+        raise BrokenCheckpoint(f"{st_path.name} does not match its checksum")
+    return meta
+
+
+def _load_one(paths: RunPaths, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta = verify_checkpoint(paths, step)
+    st_path = paths.checkpoint(step)[0]
+    try:
         tensors = load_file(str(st_path))
     except (OSError, ValueError, SafetensorError) as err:
-        raise InputError(f"{st_path} is unreadable ({err}); resume from another checkpoint or train again.") from None
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise InputError(
-            f"{st_path} was written by checkpoint format {meta.get('version')}, this avatar reads "
-            f"{CHECKPOINT_VERSION}; train the run again."
-        )
+        raise BrokenCheckpoint(f"{st_path.name} is unreadable ({err})") from None
     return tensors, meta
+
+
+def load_checkpoint(paths: RunPaths, step: Optional[int] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and JSON of checkpoint ``step``, or of the newest complete one when ``step`` is None.
+
+    Newer checkpoints that fail :func:`verify_checkpoint` are skipped with a warning: a crash or a
+    full disk while one was written must not make the older, complete ones unreachable.
+
+    Raises:
+        InputError: no checkpoint, none complete, ``step`` missing or broken, another format version.
+    """
+    steps = paths.checkpoint_steps()
+    if step is not None:
+        if step not in steps:
+            have = ", ".join(str(s) for s in sorted(steps)) or "none"
+            raise InputError(f"{paths.root} has no checkpoint of step {step} (it has: {have}); choose another --step.")
+        try:
+            return _load_one(paths, step)
+        except BrokenCheckpoint as err:
+            raise InputError(f"checkpoint step {step} of {paths.root} is broken: {err}; choose another --step, "
+                             "or leave it out for the newest complete one.") from None
+    if not steps:
+        raise InputError(f"{paths.root} has no checkpoint yet (its training stopped before saving one); continue it "
+                         f"with `avatar train SUBJECT -o {paths.root} --resume`, or start over with --force.")
+    problems = []
+    for candidate in steps:
+        try:
+            tensors, meta = _load_one(paths, candidate)
+        except BrokenCheckpoint as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log.warning("Skipped the broken newer checkpoint(s) of %s (%s); using step %d.", paths.root,
+                        "; ".join(problems), candidate)
+        return tensors, meta
+    raise InputError(f"no checkpoint of {paths.root} is complete ({'; '.join(problems)}); train the run again "
+                     f"with `avatar train SUBJECT -o {paths.root} --force`.")
+
+
+def discard_checkpoints_after(paths: RunPaths, step: int) -> None:
+    """Delete the checkpoints newer than ``step`` (the broken ones a resume skipped), so that the
+    run's newest checkpoint is again the one its training continues from."""
+    for newer in paths.checkpoint_steps():
+        if newer > step:
+            log.warning("Removing the broken checkpoint step %d of %s; training continues from step %d.",
+                        newer, paths.root, step)
+            for p in paths.checkpoint(newer):
+                p.unlink(missing_ok=True)
 
 
 def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -148,6 +148,11 @@ class SubjectPaths:
     def frame(self, index: int) -> Path:
         return self.frames_dir / f"{index:06d}.jpg"
 
+    def inputs(self) -> list[Path]:
+        """What the commands read from a subject and must never write over (see ``refuse_overwrite``)."""
+        return [self.manifest, self.frames_dir, self.masks_dir, self.background, self.neck_plate, self.audio,
+                self.tracks, self.report_dir, self.work_dir, self.cache_dir]
+
     def mask(self, index: int) -> Path:
         return self.masks_dir / f"{index:06d}.png"
 
@@ -177,16 +182,37 @@ def read_manifest(root: Path | str) -> SubjectManifest:
             "run `avatar preprocess VIDEO -o DIR` first."
         )
     try:
-        data = json.loads(paths.manifest.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(paths.manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise InputError(f"{paths.manifest} is unreadable ({err}); preprocess the video again.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{paths.manifest} does not hold a subject's manifest; preprocess the video again.")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise InputError(
             f"{paths.root} has subject format {version}, this avatar reads {FORMAT_VERSION}; "
             "preprocess the video again."
         )
-    return SubjectManifest.from_dict(data)
+    try:
+        manifest = SubjectManifest.from_dict(data)
+    except TypeError as err:  # a required field is missing
+        raise InputError(f"{paths.manifest} is incomplete ({err}); preprocess the video again.") from None
+    _check_manifest_types(paths, manifest)
+    return manifest
+
+
+def _check_manifest_types(paths: SubjectPaths, manifest: SubjectManifest) -> None:
+    """Refuse a hand-edited or corrupted manifest here, not as a TypeError deep in training."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    split = manifest.split
+    ok = (whole(manifest.n_frames) and whole(manifest.size) and isinstance(manifest.fps, (int, float))
+          and not isinstance(manifest.fps, bool) and manifest.fps > 0 and isinstance(split, dict)
+          and all(isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) for i in v) for v in split.values()))
+    if not ok:
+        raise InputError(f"{paths.manifest} holds values of the wrong kind (n_frames, size, fps or split); "
+                         "preprocess the video again.")
 
 
 class Subject:
@@ -209,7 +235,14 @@ class Subject:
         if self._tracks is None:
             if not self.paths.tracks.is_file():
                 raise InputError(f"{self.paths.tracks} is missing; preprocess the video again.")
-            self._tracks = load_npz(self.paths.tracks)
+            try:
+                self._tracks = load_npz(self.paths.tracks)
+            except ValueError as err:  # numpy refuses pickled objects with a ValueError
+                raise InputError(f"{self.paths.tracks} cannot be loaded safely ({err}); preprocess the video "
+                                 "again.") from None
+            except Exception as err:  # noqa: BLE001 - a damaged file fails in zipfile, zlib or numpy's header parser
+                raise InputError(f"{self.paths.tracks} is unreadable ({type(err).__name__}); preprocess the video "
+                                 "again.") from None
         return self._tracks
 
     def frame_indices(self, split: str) -> np.ndarray:

@@ -95,3 +95,14 @@ def tiny_run(small_subject, tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     train(subject, run, overrides=tiny_train(6), device="cpu")
     return run
+
+
+@pytest.fixture(scope="session")
+def dead_pid() -> int:
+    """The pid of a process that has exited (what a killed writer's leftovers are named with)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -1,14 +1,16 @@
-"""The run directory: versions, broken checkpoints, a subject that moved."""
+"""The run directory: versions, broken checkpoints (verified, skipped for the newest complete one), a subject that moved."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from avatar import media
 from avatar.cli import main
+from avatar.errors import AvatarError
 from tests.conftest import tone
 
 
@@ -30,7 +32,7 @@ def test_run_from_another_version_is_refused(tiny_run, tmp_path):
     for ckpt in (broken / "checkpoints").glob("*.safetensors"):
         ckpt.write_bytes(b"not a checkpoint")
     result = _invoke("export", broken, "-o", tmp_path / "x.ply")
-    assert result.exit_code == 1 and "unreadable" in result.output, result.output
+    assert result.exit_code == 1 and "no checkpoint" in result.output and "--force" in result.output, result.output
 
 
 def test_a_run_finds_its_subject_after_both_move_and_asks_for_it_otherwise(tiny_run, tmp_path):
@@ -81,7 +83,78 @@ def test_runs_written_before_the_motion_condition_was_named_still_load(tiny_run,
     for ckpt in (old / "checkpoints").glob("*.safetensors"):
         tensors = load_file(str(ckpt))
         save_file({k.replace("motion_proj", "eye_proj"): v for k, v in tensors.items()}, str(ckpt))
+        meta_path = ckpt.with_suffix(".json")  # written before checkpoints recorded their size and checksum
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("size", "sha256")}))
     new, legacy = load_avatar(tiny_run, "cpu").model, load_avatar(old, "cpu").model
     assert legacy.motion_features == new.motion_features
     for name, value in new.state_dict().items():
         torch.testing.assert_close(legacy.state_dict()[name], value)
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_complete_one(tiny_run, tmp_path, caplog):
+    """Before: a truncated newest checkpoint blocked export, render and --resume although step 3 was whole."""
+    from avatar.run import RunPaths, load_avatar
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    paths = RunPaths(run)
+    assert paths.checkpoint_steps() == [6, 3]
+    _truncate(paths.checkpoint(6)[0])
+    with caplog.at_level("WARNING"):
+        assert load_avatar(run, "cpu").step == 3
+    assert "using step 3" in caplog.text and "step_000006" in caplog.text
+    assert _invoke("export", run, "-o", tmp_path / "x.ply").exit_code == 0
+    result = _invoke("export", run, "-o", tmp_path / "y.ply", "--step", "6")
+    assert result.exit_code == 1 and "broken" in result.output and "--step" in result.output, result.output
+    result = _invoke("export", run, "-o", tmp_path / "y.ply", "--step", "5")
+    assert result.exit_code == 1 and "it has: 3, 6" in result.output, result.output
+    speech = media.write_wav(tmp_path / "s.wav", tone(1.0))
+    result = _invoke("render", run, "--audio", speech, "-o", tmp_path / "o.mp4", "--step", "3")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("damage", ["flip_a_data_byte", "flip_a_header_byte", "step_abc", "json_bytes", "size"])
+def test_every_kind_of_damaged_checkpoint_is_detected(tiny_run, tmp_path, damage):
+    from avatar.run import RunPaths, load_checkpoint, verify_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    paths = RunPaths(run)
+    st, js = paths.checkpoint(6)
+    if damage in ("flip_a_data_byte", "flip_a_header_byte"):
+        data = bytearray(st.read_bytes())
+        at = len(data) - 100 if damage == "flip_a_data_byte" else 20
+        data[at] ^= 0xFF
+        st.write_bytes(bytes(data))
+    elif damage == "step_abc":
+        js.write_text(js.read_text().replace('"step": 6', '"step": "abc"'))
+    elif damage == "json_bytes":
+        js.write_bytes(bytes(range(256)))
+    else:
+        meta = json.loads(js.read_text())
+        meta["size"] += 1
+        js.write_text(json.dumps(meta))
+    with pytest.raises(AvatarError):
+        verify_checkpoint(paths, 6)
+    assert load_checkpoint(paths)[1]["step"] == 3
+
+
+def test_checkpoints_written_before_the_checksum_still_load(tiny_run, tmp_path):
+    """No size or sha256 in step_N.json: the header and the file size are still checked."""
+    from avatar.run import RunPaths, load_avatar
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    paths = RunPaths(run)
+    for step in (3, 6):
+        js = paths.checkpoint(step)[1]
+        meta = json.loads(js.read_text())
+        js.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("size", "sha256")}))
+    assert load_avatar(run, "cpu").step == 6
+    _truncate(paths.checkpoint(6)[0], 0.9)
+    assert load_avatar(run, "cpu").step == 3

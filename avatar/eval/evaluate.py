@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -22,15 +21,15 @@ import numpy as np
 import torch
 
 from avatar import media
-from avatar.atomic import write_json_atomic
-from avatar.errors import InputError
+from avatar.atomic import check_output_dir, clean_stale, clean_stale_scratch, refuse_overwrite, scratch_dir, write_json_atomic
+from avatar.errors import InputError, OutputExistsError
 from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
 from avatar.image_metrics import RegionErrors, lpips_or_none, psnr, ssim
 from avatar.models import AvatarModel, FrameCondition
 from avatar.progress import Progress, track
-from avatar.run import load_avatar, resolve_device
+from avatar.run import RunPaths, load_avatar, read_config, resolve_device
 from avatar.speak import SpeechDriver
-from avatar.subject import MASK_LEGEND
+from avatar.subject import MASK_LEGEND, SubjectPaths
 from avatar.subject_data import SubjectData
 
 log = logging.getLogger(__name__)
@@ -122,15 +121,23 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class _SideBySide:
-    """A VideoWriter whose audio (the split's slice of the subject audio) lives in a temp dir."""
+    """A VideoWriter whose audio (the split's slice of the subject audio) lives in a scratch dir
+    named with the pid (see :func:`avatar.atomic.scratch_dir`)."""
 
     def __init__(self, path: Path, fps: float, audio: np.ndarray):
-        self._tmp = tempfile.TemporaryDirectory(prefix="avatar-eval-")
-        wav = media.write_wav(Path(self._tmp.name) / "split.wav", audio)
-        self._writer = media.VideoWriter(path, fps=fps, audio=wav)
+        self._scratch = scratch_dir("eval")
+        self._audio = audio
+        self._path, self._fps = path, fps
 
     def __enter__(self):
-        self._writer.__enter__()
+        tmp = self._scratch.__enter__()
+        try:
+            wav = media.write_wav(tmp / "split.wav", self._audio)
+            self._writer = media.VideoWriter(self._path, fps=self._fps, audio=wav)
+            self._writer.__enter__()
+        except BaseException as err:
+            self._scratch.__exit__(type(err), err, err.__traceback__)
+            raise
         return self
 
     def write(self, frame: np.ndarray) -> None:
@@ -140,7 +147,7 @@ class _SideBySide:
         try:
             self._writer.__exit__(*exc)
         finally:
-            self._tmp.cleanup()
+            self._scratch.__exit__(None, None, None)
 
 
 def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
@@ -153,22 +160,31 @@ def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
 def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Path | str] = None,
                  video_path: Optional[Path | str] = None, device: str = "auto",
                  progress: Optional[Progress] = None, subject: Optional[Path | str] = None,
-                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                 extra: Optional[dict[str, Any]] = None, step: Optional[int] = None) -> dict[str, Any]:
     """Evaluate a run on a split of its subject; optionally write the JSON and a GT | render video.
 
     Args:
         subject: the run's subject directory, when it has moved since training.
         extra: facts recorded with the metrics (e.g. the training time, from the caller that trained).
+        step: the checkpoint to evaluate (default: the newest complete one).
 
     Raises:
-        AvatarError: bad run directory, unknown split, output directory missing, subject not found.
+        AvatarError: bad run directory, unknown split, output directory missing or not writable, an
+            output that is an input, subject not found.
     """
-    for out in (json_path, video_path):
-        if out is not None and not Path(out).parent.is_dir():
-            raise InputError(f"The directory {Path(out).parent} does not exist; create it first.")
+    read_config(run_dir)  # "not a run" before "RUN/eval_val.mp4 has no directory"
+    outputs = [Path(out) for out in (json_path, video_path) if out is not None]
+    for out in outputs:
+        check_output_dir(out)
+    if len(outputs) == 2 and (outputs[0].resolve() == outputs[1].resolve()):
+        raise OutputExistsError(f"--json and --video both name {outputs[0]}; give them different files.")
     if split not in ("train", "val", "all"):
         raise InputError(f"--split must be train, val or all, got {split!r}.")
-    avatar = load_avatar(run_dir, device, subject=subject)
+    avatar = load_avatar(run_dir, device, step=step, subject=subject)
+    for out in outputs:
+        refuse_overwrite(out, *RunPaths(run_dir).inputs(), *SubjectPaths(avatar.subject_dir).inputs())
+        clean_stale(out.parent)
+    clean_stale_scratch()
     data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features, resolve_device(device),
                        progress)
     metrics = evaluate_model(avatar.model, data, split, progress, video=Path(video_path) if video_path else None)

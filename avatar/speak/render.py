@@ -3,12 +3,15 @@
 The speech is decoded to a temporary 16 kHz wav; :class:`avatar.speak.driver.SpeechDriver` turns
 it into per-frame conditions block by block, the avatar renders them in batches, and the frames go
 straight into the video encoder, so memory stays flat however long the speech is.
+
+The output is checked before any work: its directory exists and is writable, and it is none of the
+inputs (``-o`` naming the speech would encode over the file being read). The temporary wav lives
+in a scratch directory named with the pid, so what a killed render leaves is removed by the next.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 import wave
 from dataclasses import dataclass
@@ -19,10 +22,12 @@ import numpy as np
 import torch
 
 from avatar import media
+from avatar.atomic import check_output_dir, clean_stale, clean_stale_scratch, refuse_overwrite, scratch_dir
 from avatar.errors import InputError
 from avatar.progress import Progress, null_progress, report_status
-from avatar.run import load_avatar, resolve_device
+from avatar.run import RunPaths, load_avatar, resolve_device
 from avatar.speak.driver import DriveOptions, SpeechDriver, WavSpeech
+from avatar.subject import SubjectPaths
 from avatar.subject_data import SubjectData
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,8 @@ class RenderOptions:
     crf: int = 18
     subject: Optional[Path] = None
     """The run's subject directory, when it has moved since training (``--subject``)."""
+    step: Optional[int] = None
+    """The checkpoint to render (``--step``; default: the newest complete one)."""
 
 
 @dataclass
@@ -74,6 +81,37 @@ def check_speech(wav: Path, source: Path) -> None:
         raise InputError(f"{source} is silent; give a recording of speech.")
 
 
+MIN_SIZE, MAX_SIZE = 16, 4096
+
+
+def check_size(size: Optional[int]) -> None:
+    """Refuse a size that renders no face (``--size 0``, ``--size -8``) or outgrows memory, before
+    anything is loaded.
+
+    Raises:
+        InputError: a size outside :data:`MIN_SIZE`..:data:`MAX_SIZE`.
+    """
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE):
+        raise InputError(f"--size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {size!r}.")
+
+
+def output_size(requested: Optional[int], trained: int) -> int:
+    """The rendered side: H.264 yuv420p needs an even one, so an odd size is rounded up, with a note."""
+    size = trained if requested is None else requested
+    check_size(size)
+    if size % 2:
+        log.warning("Rendering at %d px: H.264 (yuv420p) needs an even size, %d was asked for.", size + 1, size)
+        size += 1
+    return size
+
+
+def _check_inputs(run_dir: Path, speech: Path, output: Path, options: RenderOptions, subject_dir: Path) -> None:
+    """Refuse an output that is one of the render's inputs (the speech, a pose or blink file, the run, the subject)."""
+    pose = Path(options.pose) if options.pose.lower().endswith(".npz") else None
+    blink = None if options.blink in ("auto", "none") else Path(options.blink)
+    refuse_overwrite(output, speech, pose, blink, *RunPaths(run_dir).inputs(), *SubjectPaths(subject_dir).inputs())
+
+
 # -- the whole render -----------------------------------------------------------------------
 
 
@@ -87,19 +125,24 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
             directory missing, subject not found. Nothing is left at ``output`` on failure.
     """
     speech, output = Path(speech), Path(output)
-    if not output.parent.is_dir():
-        raise InputError(f"The directory {output.parent} does not exist; create it first.")
+    check_output_dir(output)
     if output.suffix.lower() != ".mp4":
         raise InputError(f"{output} should end in .mp4.")
-    avatar = load_avatar(run_dir, options.device, subject=options.subject)
+    if options.batch < 1:
+        raise InputError(f"--batch must be at least 1, got {options.batch}.")
+    check_size(options.size)
+    avatar = load_avatar(run_dir, options.device, step=options.step, subject=options.subject)
+    _check_inputs(Path(run_dir), speech, output, options, avatar.subject_dir)
+    size = output_size(options.size, avatar.resolution)
+    clean_stale(output.parent)
+    clean_stale_scratch()
     model, device = avatar.model, resolve_device(options.device)
     report = progress or null_progress
     start_time = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="avatar-render-") as tmp:
-        wav = Path(tmp) / "speech.wav"
+    with scratch_dir("render") as tmp:
+        wav = tmp / "speech.wav"
         duration = media.decode_audio_to_wav(speech, wav)
         check_speech(wav, speech)
-        size = options.size or avatar.resolution
         data = SubjectData(avatar.subject_dir, size, model.motion_features, device, progress)
         driver = SpeechDriver(model, data)
         n = max(1, int(round(duration * driver.fps)))

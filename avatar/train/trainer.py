@@ -8,6 +8,11 @@ Stages follow the anchors, as iteration counts of the preset:
 3. fuse (the last ``1 - fuse_after`` share): learning rates decay, densification has stopped.
 
 Only train-split frames are sampled; the validation split is never seen.
+
+Checkpoints are written every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of
+training, so that a crash or a kill loses minutes, not the work before the first step count.
+Saving reads the random generators without advancing them, so when checkpoints fall changes
+nothing in the trained result.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar.atomic import atomic_output, check_writable_dir, clean_stale, refuse_overwrite
 from avatar.configs import Config, merge, preset_overrides
 from avatar.errors import AvatarError, OutputExistsError
 from avatar.image_metrics import lpips_network
@@ -33,6 +40,7 @@ from avatar.progress import Progress, null_progress, report_status
 from avatar.run import (
     RUN_FORMAT_VERSION,
     RunPaths,
+    discard_checkpoints_after,
     find_subject,
     load_checkpoint,
     model_state,
@@ -43,14 +51,13 @@ from avatar.run import (
     subject_reference,
     write_config,
 )
-from avatar.subject import read_manifest
+from avatar.subject import SubjectPaths, read_manifest
 from avatar.subject_data import HEAD_LABELS, Frame, SubjectData
 from avatar.train.losses import LossWeights, compute_loss
 from avatar.train.ops import make_optimizer
 from avatar.train.strategy import DensifyStrategy
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -93,6 +100,8 @@ class TrainConfig(Config):
     """CPU threads for torch (0: torch's default)."""
     log_every: int = 25
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 2.0
+    """Also checkpoint after this many minutes of training since the last checkpoint (0: off)."""
     preview_every: int = 500
     model: TalkingHeadConfig = field(default_factory=TalkingHeadConfig)
     lr: LearningRates = field(default_factory=LearningRates)
@@ -110,6 +119,24 @@ def make_config(preset: str = "fast", overrides: Optional[dict[str, Any]] = None
     config = merge(TrainConfig(), preset_overrides(preset))
     config = dataclasses.replace(config, preset=preset)
     return merge(config, overrides or {})
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse values that would train nothing or divide by zero (``--set log_every=0``), before
+    anything is written.
+
+    Raises:
+        AvatarError: names the option and the range it takes.
+    """
+    for name in ("iterations", "log_every", "checkpoint_every", "preview_every"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AvatarError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    if isinstance(config.resolution, bool) or not isinstance(config.resolution, int) or config.resolution < 16:
+        raise AvatarError(f"resolution must be a whole number of at least 16 pixels, got {config.resolution!r}.")
+    minutes = config.checkpoint_minutes
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 <= minutes < math.inf:
+        raise AvatarError(f"checkpoint_minutes must be a number of minutes >= 0 (0: off), got {minutes!r}.")
 
 
 def save_config(paths: RunPaths, config: TrainConfig) -> None:
@@ -142,6 +169,22 @@ def _initial_model(data: SubjectData, config: TrainConfig) -> TalkingHead:
         frames, head, int(np.argmax(jaw)) if jaw is not None else None, config.model.init, seed=config.seed,
     )
     return TalkingHead.from_init(config.model, init)
+
+
+def _model_from_checkpoint(config: TalkingHeadConfig, tensors: dict[str, Tensor], paths: RunPaths,
+                           step: int) -> TalkingHead:
+    try:
+        return TalkingHead.from_state_dict(config, model_state(tensors))
+    except (KeyError, RuntimeError) as err:
+        raise AvatarError(f"checkpoint step {step} of {paths.root} does not fit its config.json ({err}); "
+                          "train again with --force.") from None
+
+
+def _scene_scale(meta: dict[str, Any]) -> float:
+    value = meta.get("scene_scale")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise AvatarError(f"checkpoint step {meta.get('step')} holds no valid scene_scale; train again with --force.")
+    return float(value)
 
 
 def _gaussian_optimizer(gaussians, lr: LearningRates, scene_scale: float) -> torch.optim.Adam:
@@ -183,6 +226,9 @@ class TrainResult:
     seconds: float
     n_gaussians: int
     last_psnr: float
+    """Running mean of the training PSNR; NaN when no step was taken (a resumed run already done)."""
+    start_step: int = 0
+    """The step training started from (non-zero when resumed)."""
 
     def summary(self) -> dict[str, Any]:
         """What the validation metrics of a run record about its training."""
@@ -207,16 +253,18 @@ class _Trainer:
         self.sampler = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         tensors = meta = None
+        resume = resume and self.paths.latest_checkpoint() is not None  # none yet: start the run at step 0
         if resume:
-            tensors, meta = load_checkpoint(self.paths)
-            self.model = TalkingHead.from_state_dict(cfg.model, model_state(tensors)).to(self.device)
+            tensors, meta = load_checkpoint(self.paths)  # the newest complete one (broken newer ones: warned)
             self.step = int(meta["step"])
+            discard_checkpoints_after(self.paths, self.step)
+            self.model = _model_from_checkpoint(cfg.model, tensors, self.paths, self.step).to(self.device)
         else:
             self.model = _initial_model(self.data, cfg).to(self.device)
             # The deformation fields' boxes were fitted to the initial points: keep them in config.json.
             self.config = cfg = dataclasses.replace(cfg, model=self.model.config)
             save_config(self.paths, cfg)
-        self.scene_scale = float(meta["scene_scale"]) if meta else scene_scale_of(self.model)
+        self.scene_scale = _scene_scale(meta) if meta else scene_scale_of(self.model)
         self.lpips_net = None
         if cfg.loss.lpips > 0:
             self.lpips_net = lpips_network(cfg.loss.lpips_net, str(self.device))
@@ -238,15 +286,23 @@ class _Trainer:
             "mouth": cfg.strategy.initialize_state(len(self.model.mouth), self.device),
         }
         if resume:
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(optimizer_state(name, tensors, meta))
-            for layer in ("face", "mouth"):
-                for key in list(self.strategy_state[layer]):
-                    name = f"strategy/{layer}/{key}"
-                    if name in tensors:
-                        self.strategy_state[layer][key] = tensors[name].to(self.device)
-            torch.set_rng_state(tensors["rng/torch"])
-            self.sampler.set_state(tensors["rng/sampler"])
+            try:
+                self._restore(tensors, meta)
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise AvatarError(f"checkpoint step {self.step} of {self.paths.root} does not fit its run "
+                                  f"({type(err).__name__}: {err}); train again with --force.") from None
+
+    def _restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Optimizer moments, densification state and random generators of a checkpoint."""
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(optimizer_state(name, tensors, meta))
+        for layer in ("face", "mouth"):
+            for key in list(self.strategy_state[layer]):
+                name = f"strategy/{layer}/{key}"
+                if name in tensors:
+                    self.strategy_state[layer][key] = tensors[name].to(self.device)
+        torch.set_rng_state(tensors["rng/torch"])
+        self.sampler.set_state(tensors["rng/sampler"])
 
     # -- schedule ---------------------------------------------------------------------------
     def _set_learning_rates(self) -> None:
@@ -315,6 +371,7 @@ def train(
     device: str = "auto",
     resume: bool = False,
     progress: Optional[Progress] = None,
+    force: bool = False,
 ) -> TrainResult:
     """Train a talking Gaussian head on a subject into a run directory.
 
@@ -323,7 +380,10 @@ def train(
 
     Args:
         overrides: nested options over the preset, e.g. ``{"iterations": 500}``.
-        resume: continue the run in ``run_dir`` from its newest checkpoint, exactly.
+        resume: continue the run in ``run_dir`` from its newest complete checkpoint, exactly (from
+            step 0 when it has none yet).
+        force: replace the run in ``run_dir`` (only a run: a directory holding anything else is
+            refused), once every option has been checked.
 
     Raises:
         AvatarError: bad subject, run directory in the way, unknown option or device.
@@ -332,29 +392,12 @@ def train(
 
     paths = RunPaths(run_dir)
     dev = resolve_device(device)
-    if resume:
-        config = load_config(run_dir)
-        fixed = sorted(set(overrides or {}) - {"iterations"})
-        if fixed:
-            raise AvatarError(f"a resumed run keeps its config.json; only the iteration count can change, "
-                              f"not {', '.join(fixed)}.")
-        if overrides and "iterations" in overrides:
-            config = dataclasses.replace(config, iterations=int(overrides["iterations"]))
-    else:
-        if paths.config.exists():
-            raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it or choose "
-                                    "another directory.")
-        if paths.root.exists() and any(paths.root.iterdir()):
-            raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
-        manifest = read_manifest(subject_dir)  # a clear error before anything is created
-        try:
-            config = make_config(preset, overrides)
-        except ValueError as err:
-            raise AvatarError(str(err)) from None
-        config = dataclasses.replace(config, **subject_reference(subject_dir, paths.root))
-        if config.resolution > manifest.size:
-            log.info("Training at the subject's %d px (the preset asks for %d).", manifest.size, config.resolution)
-            config = dataclasses.replace(config, resolution=manifest.size)
+    if resume and force:
+        raise AvatarError("--resume continues a run and --force replaces it; pass only one of them.")
+    check_writable_dir(paths.root)
+    clean_stale(paths.root)
+    clean_stale(paths.checkpoints, legacy_tmp=True)
+    config = _resumed_config(paths, overrides) if resume else _new_config(subject_dir, paths, preset, overrides, force)
     config = dataclasses.replace(config, device=str(dev))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -365,6 +408,8 @@ def train(
     writer = SummaryWriter(str(paths.tensorboard))
     paths.previews.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    start_step = trainer.step
+    last_save = time.monotonic()
     parts: dict[str, float] = {}
     psnr_avg = float("nan")
     try:
@@ -381,8 +426,9 @@ def train(
                          len(trainer.model.face) + len(trainer.model.mouth))
             if step % config.preview_every == 0 or step == config.iterations:
                 _write_preview(trainer, writer, step)
-            if step % config.checkpoint_every == 0 or step == config.iterations:
+            if _checkpoint_due(config, step, time.monotonic() - last_save):
                 trainer.save()
+                last_save = time.monotonic()
             if step % 5 == 0:
                 report_status(progress, "train", f"loss {parts['loss']:.4f} psnr {psnr_avg:.2f} "
                                                  f"n {len(trainer.model.face) + len(trainer.model.mouth)}")
@@ -398,7 +444,82 @@ def train(
         writer.close()
     seconds = time.perf_counter() - start
     return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
-                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth), last_psnr=psnr_avg)
+                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth), last_psnr=psnr_avg,
+                       start_step=start_step)
+
+
+def _checkpoint_due(config: TrainConfig, step: int, seconds_since_last: float) -> bool:
+    """Every ``checkpoint_every`` steps, at the end, and after ``checkpoint_minutes`` of training."""
+    if step % config.checkpoint_every == 0 or step == config.iterations:
+        return True
+    return config.checkpoint_minutes > 0 and seconds_since_last >= config.checkpoint_minutes * 60.0
+
+
+def _resumed_config(paths: RunPaths, overrides: Optional[dict[str, Any]]) -> TrainConfig:
+    """The run's own config.json; of the options only the iteration count may change."""
+    config = load_config(paths.root)
+    fixed = sorted(set(overrides or {}) - {"iterations"})
+    if fixed:
+        raise AvatarError(f"a resumed run keeps its config.json; only the iteration count can change, "
+                          f"not {', '.join(fixed)}.")
+    if overrides and "iterations" in overrides:
+        try:
+            config = merge(config, {"iterations": overrides["iterations"]})
+        except ValueError as err:
+            raise AvatarError(str(err)) from None
+    check_config(config)
+    return config
+
+
+def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides: Optional[dict[str, Any]],
+                force: bool) -> TrainConfig:
+    """The config of a new run; checks everything before ``force`` removes the old run."""
+    if force:
+        _check_replaceable(paths)
+    else:
+        _refuse_existing(paths)
+    manifest = read_manifest(subject_dir)  # a clear error before anything is created
+    refuse_overwrite(paths.root, *SubjectPaths(subject_dir).inputs())
+    try:
+        config = make_config(preset, overrides)
+    except ValueError as err:
+        raise AvatarError(str(err)) from None
+    check_config(config)
+    config = dataclasses.replace(config, **subject_reference(subject_dir, paths.root))
+    if config.resolution > manifest.size:
+        log.info("Training at the subject's %d px (the preset asks for %d).", manifest.size, config.resolution)
+        config = dataclasses.replace(config, resolution=manifest.size)
+    if force:
+        _clear_run(paths)
+    return config
+
+
+def _refuse_existing(paths: RunPaths) -> None:
+    if paths.config.exists():
+        if paths.latest_checkpoint() is None:
+            raise OutputExistsError(f"{paths.root} holds a run that has no checkpoint yet; pass --resume to start "
+                                    "its training, or --force to replace it.")
+        raise OutputExistsError(f"{paths.root} already holds a run; pass --resume to continue it, --force to "
+                                "replace it, or choose another directory.")
+    if paths.root.exists() and any(paths.root.iterdir()):
+        raise OutputExistsError(f"{paths.root} exists and is not empty; choose a new directory for the run.")
+
+
+def _check_replaceable(paths: RunPaths) -> None:
+    """--force replaces runs only: never a directory of something else (a subject, a home)."""
+    if paths.root.exists() and any(paths.root.iterdir()) and not paths.config.is_file():
+        raise OutputExistsError(f"{paths.root} holds something that is not a run, which --force does not replace; "
+                                "choose a new directory for the run.")
+
+
+def _clear_run(paths: RunPaths) -> None:
+    """Remove what training wrote into a run (other files the user put there stay)."""
+    log.warning("Replacing the run in %s (--force).", paths.root)
+    for path in (paths.config, paths.checkpoints, paths.tensorboard, paths.previews, paths.metrics):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def _write_preview(trainer: _Trainer, writer, step: int) -> None:
@@ -406,5 +527,6 @@ def _write_preview(trainer: _Trainer, writer, step: int) -> None:
 
     out, frame = trainer._last_out, trainer._last_frame
     image = preview_image(out["rgb"], frame.image)
-    cv2.imwrite(str(trainer.paths.previews / f"step_{step:06d}.png"), image[:, :, ::-1])
+    with atomic_output(trainer.paths.previews / f"step_{step:06d}.png", fsync=False) as tmp:
+        cv2.imwrite(str(tmp), image[:, :, ::-1])
     writer.add_image("preview/gt_render_error", image, step, dataformats="HWC")

@@ -73,3 +73,53 @@ def test_render_bad_input(case, tiny_run, tmp_path):
     assert not out.exists()
     if out.parent.exists():
         assert not list(out.parent.glob(".*partial*"))
+
+
+def test_render_refuses_to_write_over_its_own_input(tiny_run, tmp_path):
+    """Before: `avatar render RUN --audio X -o X` encoded over the speech it was reading (rc 0)."""
+    speech_wav = media.write_wav(tmp_path / "s.wav", tone(1.0))
+    speech = tmp_path / "speech.mp4"
+    assert _invoke("render", tiny_run, "--audio", speech_wav, "-o", speech).exit_code == 0
+    before = speech.read_bytes()
+    (tmp_path / "link.mp4").hardlink_to(speech)
+    for output in (speech, tmp_path / "link.mp4"):
+        result = _invoke("render", tiny_run, "--audio", speech, "-o", output)
+        assert result.exit_code == 1 and "is also an input" in result.output, result.output
+    assert speech.read_bytes() == before
+    result = _invoke("render", tiny_run, "--audio", speech_wav, "-o", tiny_run / "checkpoints" / "x.mp4")
+    assert result.exit_code == 1 and "input" in result.output, result.output
+
+
+def test_render_sizes_are_checked_and_odd_ones_rounded_up(tiny_run, tmp_path, caplog):
+    speech = media.write_wav(tmp_path / "s.wav", tone(1.0))
+    for size in ("0", "-8", "15"):
+        result = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "o.mp4", "--size", size)
+        assert result.exit_code == 2 and "--size" in result.output, result.output
+    assert _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "o.mp4", "--batch", "0").exit_code == 2
+    with caplog.at_level("WARNING"):
+        result = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "o.mp4", "--size", "97")
+    assert result.exit_code == 0, result.output
+    assert "even size" in caplog.text
+    info = media.probe(tmp_path / "o.mp4")
+    assert (info.width, info.height) == (98, 98)
+
+
+def test_a_killed_renders_leftovers_are_removed_by_the_next(tiny_run, tmp_path, dead_pid, monkeypatch):
+    """kill -9 leaves `.NAME.partialPID.mp4` by the output and a scratch directory in the temp dir."""
+    import os
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    partial = out_dir / f".old.partial{dead_pid}.mp4"
+    partial.write_bytes(b"half a video")
+    scratch = temp / f"avatar-render-pid{dead_pid}-abcd"
+    scratch.mkdir()
+    (scratch / "speech.wav").write_bytes(b"RIFF")
+    speech = media.write_wav(tmp_path / "s.wav", tone(1.0))
+    assert _invoke("render", tiny_run, "--audio", speech, "-o", out_dir / "new.mp4").exit_code == 0
+    assert not partial.exists() and not scratch.exists()
+    assert sorted(p.name for p in out_dir.iterdir()) == ["new.mp4"]
+    assert not [p for p in temp.iterdir() if f"pid{os.getpid()}" in p.name], "this render's scratch is gone too"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -206,3 +207,97 @@ def test_a_run_asking_for_lpips_trains_without_it_when_it_cannot_load(small_subj
     train(subject, tmp_path / "run2", overrides={**tiny_train(2), "loss": {"lpips": 0.1, "lpips_net": "vgg"}},
           device="cpu")
     assert calls == ["vgg"]
+
+
+def _same_weights(a_run, b_run) -> None:
+    sa, sb = load_avatar(a_run).model.state_dict(), load_avatar(b_run).model.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+def test_time_checkpoints_change_nothing_and_resume_skips_a_truncated_newest(small_subject, tmp_path, caplog):
+    """Checkpoints by time (here: after every step) leave the result as it was; when the newest ones
+    are cut short (a kill, a full disk), --resume continues from the newest complete one, exactly."""
+    _, subject = small_subject
+    straight = tmp_path / "straight"
+    train(subject, straight, overrides={**tiny_train(8), "checkpoint_minutes": 0.0}, device="cpu")
+    timed = tmp_path / "timed"
+    every_step = {**tiny_train(8), "checkpoint_every": 1000, "checkpoint_minutes": 1e-9}
+    train(subject, timed, overrides=every_step, device="cpu")
+    paths = RunPaths(timed)
+    assert paths.checkpoint_steps() == [8, 7, 6], "a checkpoint after each step, the newest 3 kept"
+    _same_weights(straight, timed)
+    for step in (8, 7):
+        st = paths.checkpoint(step)[0]
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        resumed = train(subject, timed, device="cpu", resume=True)
+    assert resumed.start_step == 6 and resumed.steps == 8
+    assert "using step 6" in caplog.text
+    _same_weights(straight, timed)
+
+
+def test_a_run_without_a_checkpoint_is_resumed_from_step_0_or_replaced_with_force(small_subject, tmp_path):
+    """Before: a run with a config and no checkpoint was refused by export, render, train and
+    train --resume, each pointing to another. Now --resume starts it and --force replaces it."""
+    _, subject = small_subject
+    run = tmp_path / "run"
+    train(subject, run, overrides=tiny_train(2), device="cpu")
+    shutil.rmtree(run / "checkpoints")
+    result = CliRunner().invoke(main, ["export", str(run), "-o", str(tmp_path / "x.ply")])
+    assert result.exit_code == 1 and "--resume" in result.output, result.output
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--no-eval"])
+    assert result.exit_code == 1 and "--resume" in result.output and "--force" in result.output, result.output
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--resume", "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert RunPaths(run).latest_checkpoint() == 2
+    (run / "mine.txt").write_text("the user's own note")
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--force", "--no-eval",
+                                       "--iters", "1", "--set", "resolution=64",
+                                       "--set", 'model.init={"n_face": 200, "n_head": 200, "n_mouth": 40}'])
+    assert result.exit_code == 0, result.output
+    assert RunPaths(run).checkpoint_steps() == [1], "the old run's checkpoints are gone"
+    assert (run / "mine.txt").is_file(), "--force removes what training wrote, nothing else"
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(run), "--force", "--resume"])
+    assert result.exit_code == 2
+    # --force never replaces what is not a run, nor a directory holding the subject.
+    for target in (subject, subject.parent):
+        result = CliRunner().invoke(main, ["train", str(subject), "-o", str(target), "--force"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert (subject / "subject.json").is_file()
+
+
+@pytest.mark.parametrize("args", [["--iters", "-5"], ["--iters", "0"]])
+def test_train_refuses_numbers_that_train_nothing(small_subject, tmp_path, args):
+    _, subject = small_subject
+    result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2 and "--iters" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+    for bad in ("iterations=-5", "checkpoint_every=0", "log_every=0", "resolution=-8", "checkpoint_minutes=-1"):
+        result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "run"), "--set", bad])
+        assert result.exit_code == 1 and bad.split("=")[0] in result.output, result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_stale_checkpoint_leftovers_of_a_killed_trainer_are_removed(small_subject, tmp_path, dead_pid):
+    """kill -9 while a checkpoint is written leaves a partial file and safetensors' own temporary (in
+    our scratch directory, named with the pid); the next start removes them, a live writer's stay."""
+    import os
+
+    _, subject = small_subject
+    run = tmp_path / "run"
+    train(subject, run, overrides=tiny_train(2), device="cpu")
+    ckpt = run / "checkpoints"
+    stale = [ckpt / f".step_000003.partial{dead_pid}.safetensors", ckpt / f".avatar-ckpt-pid{dead_pid}-abc123"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
+    (stale[1] / ".tmpAbC123").write_bytes(b"half")
+    live = ckpt / f".step_000003.partial{os.getppid()}.safetensors"
+    live.write_bytes(b"someone is writing this")
+    legacy = ckpt / ".tmpXyZ789"
+    legacy.write_bytes(b"an old version's leftover")
+    os.utime(legacy, (0, 0))
+    train(subject, run, device="cpu", resume=True, overrides={"iterations": 3})
+    assert not any(p.exists() for p in stale) and not legacy.exists()
+    assert live.exists()
