@@ -168,7 +168,7 @@ def test_chunking_is_invisible(long_vowels):
     whole = frames50(long_vowels, 45.0)
     np.testing.assert_array_equal(whole[:500], frames50(long_vowels, 10.0))
     cut = frames50(long_vowels[: 10 * AUDIO_RATE], 10.0)
-    assert np.median(frame_correlations(whole[:400], cut[:400])) > 0.95
+    assert np.median(frame_correlations(whole[:400], cut[:400])) > 0.9  # 0.96 measured
 
     # Another grid (16 s kept per window instead of 20 s) puts the frames around the 20 s and
     # 40 s borders of the first grid in the middle of its windows: the features hardly move.
@@ -179,9 +179,12 @@ def test_chunking_is_invisible(long_vowels):
         assert np.median(r[border - 25 : border + 25]) > 0.8, (border, r[border - 25 : border + 25])
 
     # The raw encoder output carries a position code; subtracting silence removes most of it.
-    raw = frames50(long_vowels, 25.0, subtract_silence=False)
-    raw_other = frames50(long_vowels, 25.0, chunk_s=16.0, subtract_silence=False)
-    assert np.median(frame_correlations(raw[1000:], raw_other[1000:])) < np.median(r[1000:1250]) - 0.1
+    # Raw = features + the output for silence at each frame's place in its window, which is what
+    # an all-silent input gives without the subtraction (no encoder call: silent windows reuse it).
+    silence = np.zeros_like(long_vowels)
+    raw = whole + frames50(silence, 45.0, subtract_silence=False)
+    raw_other = other + frames50(silence, 45.0, chunk_s=16.0, subtract_silence=False)
+    assert np.median(frame_correlations(raw[1000:], raw_other[1000:])) < np.median(r[1000:]) - 0.1
 
 
 def test_loudness_normalisation():
