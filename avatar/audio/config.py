@@ -8,10 +8,10 @@ from typing import Any, Optional
 
 from avatar.media import AUDIO_RATE
 
-FEATURE_KINDS = ("mel", "hubert", "wav2vec2")
+FEATURE_KINDS = ("mel", "hubert", "wav2vec2", "whisper")
 """Valid values of :attr:`AudioFeatureConfig.kind`."""
 
-DEFAULT_WINDOW = {"mel": 16, "hubert": 4, "wav2vec2": 4}
+DEFAULT_WINDOW = {"mel": 16, "hubert": 4, "wav2vec2": 4, "whisper": 4}
 """Feature frames per video-frame window when :attr:`AudioFeatureConfig.window` is ``None``."""
 
 @dataclass
@@ -19,16 +19,18 @@ class AudioFeatureConfig:
     """Which audio features to compute and how; stored with a subject so rendering matches it."""
 
     kind: str = "mel"
-    """One of ``mel`` (log-mel, no weights), ``hubert`` or ``wav2vec2`` (needs ``model``)."""
+    """One of ``mel`` (log-mel, no weights), ``hubert`` or ``wav2vec2`` (needs ``model``), or
+    ``whisper`` (Whisper encoder; the tiny.en weights are installed with the package)."""
 
     model: Optional[str] = None
     """For ``hubert``/``wav2vec2``: a local directory written by ``save_pretrained`` or a model
     name already in the Hugging Face cache (e.g. ``facebook/hubert-large-ls960-ft``). Nothing is
-    downloaded. Unused for ``mel``."""
+    downloaded. For ``whisper``: a CTranslate2 Whisper directory, or ``None`` for the bundled
+    tiny.en. Unused for ``mel``."""
 
     window: Optional[int] = None
     """Feature frames per video-frame window ``W``; ``None`` uses :data:`DEFAULT_WINDOW` for the
-    kind (mel 16 = 160 ms, hubert/wav2vec2 4 = 80 ms)."""
+    kind (mel 16 = 160 ms, hubert/wav2vec2/whisper 4 = 80 ms)."""
 
     n_mels: int = 80
     """``mel``: number of mel bands ``D``."""
@@ -59,32 +61,53 @@ class AudioFeatureConfig:
 
     chunk_s: Optional[float] = 20.0
     """``hubert``/``wav2vec2``: seconds of output per model call, so memory stays bounded for long
-    audio; ``None`` runs the whole utterance at once."""
+    audio; ``None`` runs the whole utterance at once. ``whisper``: seconds of output kept from
+    each 30 s window (at most 30; ``None`` means 30), the rest being context split evenly on both
+    sides."""
 
     context_s: float = 2.0
     """``hubert``/``wav2vec2``: extra audio given to each chunk on both sides and then discarded,
     so chunk borders barely change the features (the convolutional position embedding of the
-    released models reaches 1.28 s each way)."""
+    released models reaches 1.28 s each way). Unused for ``whisper``, whose context is what
+    its 30 s window holds beyond ``chunk_s``."""
+
+    subtract_silence: bool = True
+    """``whisper``: subtract what the encoder outputs for silence at the same position of its 30 s
+    window. The encoder adds an absolute position code that survives to its output (about half
+    of the feature variance on speech); without it, the same audio gives clearly different
+    features at different places in a window, so the features would carry a clock that repeats
+    every ``chunk_s``. Silence then reads exactly 0. ``False`` gives the raw encoder output."""
+
+    loudness: Optional[bool] = None
+    """``mel``/``whisper``: scale the waveform so that its voiced part has a fixed RMS
+    (:mod:`avatar.audio.loudness`) before computing features, so quiet and loud recordings of the
+    same speech give close features. ``None`` is the kind's default: on for ``whisper``, off for
+    ``mel`` (which keeps the features of subjects made before this option the same)."""
 
 
 def parse_audio_feature_spec(spec: str) -> AudioFeatureConfig:
-    """Parse the command-line syntax ``mel``, ``hubert:PATH_OR_NAME`` or ``wav2vec2:PATH_OR_NAME``.
+    """Parse the command-line syntax ``mel``, ``hubert:PATH_OR_NAME``, ``wav2vec2:PATH_OR_NAME``,
+    ``whisper`` (the bundled tiny.en) or ``whisper:PATH`` (a CTranslate2 Whisper directory).
 
     Only the first ``:`` separates kind from model, so Windows paths (``hubert:C:\\m``) work.
 
     Raises:
-        ValueError: unknown kind, a model given to ``mel``, or no model given to the others.
+        ValueError: unknown kind, a model given to ``mel``, or no model given to hubert/wav2vec2.
     """
     kind, sep, model = spec.strip().partition(":")
     kind = kind.strip().lower()
     model = model.strip()
-    choices = "'mel', 'hubert:PATH_OR_NAME' or 'wav2vec2:PATH_OR_NAME'"
+    choices = "'mel', 'whisper', 'whisper:PATH', 'hubert:PATH_OR_NAME' or 'wav2vec2:PATH_OR_NAME'"
     if kind not in FEATURE_KINDS:
         raise ValueError(f"Unknown audio feature spec {spec!r}; expected {choices}.")
     if kind == "mel":
         if sep:
             raise ValueError(f"Audio feature spec {spec!r}: 'mel' takes no model; use just 'mel'.")
         return AudioFeatureConfig(kind="mel")
+    if kind == "whisper":
+        if sep and not model:
+            raise ValueError(f"Audio feature spec {spec!r} names no model; use 'whisper' for the bundled one.")
+        return AudioFeatureConfig(kind="whisper", model=model or None)
     if not model:
         raise ValueError(
             f"Audio feature spec {spec!r} names no model; expected {choices}, where PATH_OR_NAME "
@@ -98,6 +121,11 @@ def feature_config_from_manifest(stored: dict[str, Any]) -> AudioFeatureConfig:
     (which also holds derived values such as ``dim``, not options of the config)."""
     names = {f.name for f in dataclasses.fields(AudioFeatureConfig)}
     return AudioFeatureConfig(**{k: v for k, v in stored.items() if k in names})
+
+
+def loudness_on(config: AudioFeatureConfig) -> bool:
+    """Whether the waveform is loudness-normalised first (:attr:`AudioFeatureConfig.loudness`)."""
+    return config.kind == "whisper" if config.loudness is None else bool(config.loudness)
 
 
 def window_of(config: AudioFeatureConfig) -> int:
@@ -131,6 +159,15 @@ def check_config(config: AudioFeatureConfig) -> None:
                 f"fmax={config.fmax}."
             )
         return
+    if config.kind == "whisper":
+        if config.chunk_s is not None and not 0 < config.chunk_s <= 30.0:
+            raise ValueError(f"Expected whisper chunk_s in (0, 30] s (or None), got {config.chunk_s}.")
+        return
+    if config.loudness:
+        raise ValueError(
+            f"loudness applies to 'mel' and 'whisper'; {config.kind!r} normalises the waveform with "
+            f"normalize_waveform instead."
+        )
     if not config.model:
         raise ValueError(
             f"Audio features {config.kind!r} need a model (a local directory or a cached hub "

@@ -9,10 +9,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from avatar.audio.config import AudioFeatureConfig, check_config, window_of
+from avatar.audio.config import AudioFeatureConfig, check_config, loudness_on, window_of
+from avatar.audio.loudness import loudness_gain
 from avatar.audio.mel import MelExtractor, mel_geometry
 from avatar.audio.signal import Extractor, window_starts
 from avatar.audio.transformers_encoders import HFExtractor, conv_geometry, load_hf
+from avatar.audio.whisper import HOP as WHISPER_HOP
+from avatar.audio.whisper import N_FFT as WHISPER_FRAME
+from avatar.audio.whisper import WhisperExtractor, model_dir, model_geometry
 from avatar.media import AUDIO_RATE
 from avatar.progress import Progress
 
@@ -22,17 +26,20 @@ log = logging.getLogger(__name__)
 def feature_shape(config: AudioFeatureConfig) -> tuple[int, int]:
     """``(W, D)`` of the per-frame windows :func:`compute_audio_features` returns for ``config``.
 
-    For ``hubert``/``wav2vec2``, ``D`` is the model's hidden size, read from its ``config.json``
-    (no weights are loaded).
+    For ``hubert``/``wav2vec2``, ``D`` is the model's hidden size, read from its ``config.json``;
+    for ``whisper``, the encoder width (384 for tiny.en), read from the header of its
+    ``model.bin`` (no weights are loaded).
 
     Raises:
         ValueError: the config is invalid.
-        AvatarError: transformers or the model's files are not available.
+        AvatarError: transformers, ctranslate2 or the model's files are not available.
     """
     check_config(config)
     window = window_of(config)
     if config.kind == "mel":
         return window, config.n_mels
+    if config.kind == "whisper":
+        return window, model_geometry(model_dir(config))[0]
     hf_config = load_hf(config, weights=False)
     return window, int(hf_config.hidden_size)
 
@@ -65,7 +72,8 @@ def compute_audio_features(
 
     Raises:
         ValueError: bad ``samples`` shape or values, ``n_frames`` or ``fps``, or an invalid config.
-        AvatarError: ``hubert``/``wav2vec2`` without transformers or without local weights.
+        AvatarError: ``hubert``/``wav2vec2`` without transformers or without local weights;
+            ``whisper`` without ctranslate2 or its model.
 
     Examples:
         >>> feats = compute_audio_features(np.zeros(16000, np.float32), n_frames=25, fps=25.0)
@@ -91,10 +99,15 @@ def compute_audio_features(
         raise ValueError(f"Expected fps > 0, got {fps!r}.")
     device = torch.device(device)
     window = window_of(config)
+    gain = loudness_gain(samples) if loudness_on(config) else 1.0
 
     if config.kind == "mel":
         hop, frame_len, centre = mel_geometry(config)
-        extractor: Extractor = MelExtractor(config, device)
+        extractor: Extractor = MelExtractor(config, device, gain)
+    elif config.kind == "whisper":
+        # Output frame k is centred on mel frame 2k, which reads samples [320 k, 320 k + 400).
+        hop, frame_len, centre = WHISPER_HOP, WHISPER_FRAME, WHISPER_FRAME / 2.0
+        extractor = WhisperExtractor(config, gain, device)
     else:
         model = load_hf(config, weights=True).to(device)
         hop, frame_len = conv_geometry(model.config)

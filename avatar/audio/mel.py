@@ -71,7 +71,8 @@ class MelExtractor:
     learned normalisation belongs to the model.
     """
 
-    def __init__(self, config: AudioFeatureConfig, device: torch.device):
+    def __init__(self, config: AudioFeatureConfig, device: torch.device, gain: float = 1.0):
+        self.gain = float(gain)  # loudness normalisation (avatar.audio.loudness); 1.0 when off
         self.hop, self.n_fft, _ = mel_geometry(config)
         self.win_length = int(round(config.win_ms * AUDIO_RATE / 1000.0))
         self.device = device
@@ -96,7 +97,7 @@ class MelExtractor:
         for i, a in enumerate(blocks):
             b = min(a + _MEL_BLOCK_FRAMES, stop)
             segment = padded_segment(
-                samples, pad_left, n_padded, a * self.hop, (b - 1) * self.hop + self.n_fft
+                samples, pad_left, n_padded, a * self.hop, (b - 1) * self.hop + self.n_fft, scale=self.gain
             )
             mel = self._log_mel(torch.from_numpy(segment).to(self.device))  # [b - a, n_mels]
             out[a - first : b - first] = mel.cpu().numpy()
