@@ -127,8 +127,10 @@ def sample(out_dir: Path, seed: int, duration: float) -> None:
 @click.option("--fps", type=click.FloatRange(1.0, 120.0), default=25.0, show_default=True,
               help="Constant frame rate to resample to.")
 @click.option("--audio-features", default="mel", show_default=True,
-              help="mel (no weights), hubert:PATH_OR_NAME or wav2vec2:PATH_OR_NAME (local weights).")
-@click.option("--device", default="cpu", show_default=True, help="Device for hubert/wav2vec2 features.")
+              help="mel (log-mel, no weights), whisper (the Whisper tiny.en encoder installed with avatar; "
+                   "whisper:PATH another CTranslate2 Whisper), hubert:PATH_OR_NAME or wav2vec2:PATH_OR_NAME "
+                   "(local weights).")
+@click.option("--device", default="cpu", show_default=True, help="Device for whisper/hubert/wav2vec2 features.")
 @click.option("--force", is_flag=True, help="Replace a subject of another video in the output directory.")
 def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: float,
                audio_features: str, device: str, force: bool) -> None:
