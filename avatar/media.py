@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ from typing import IO, Iterator, Optional, Sequence
 
 import numpy as np
 
-from avatar.atomic import atomic_output
+from avatar.atomic import atomic_output, scratch_dir
 from avatar.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -290,16 +289,14 @@ def load_audio_bytes(data: bytes, name: str, rate: int = AUDIO_RATE, max_seconds
     """:func:`load_audio` of a file received as bytes (an upload); messages call it ``name``.
 
     The bytes go to a private temporary file (ffmpeg probes files by their content and suffix;
-    the suffix of ``name`` is kept) that is removed before returning.
+    the suffix of ``name`` is kept) in a scratch directory of this process, removed before
+    returning (or, after a kill, by the next command's clean-up).
     """
-    suffix = Path(name).suffix[:12] if Path(name).suffix.isascii() else ""
-    fd, tmp = tempfile.mkstemp(prefix="avatar-upload-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    suffix = Path(name).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,11}", Path(name).suffix) else ""
+    with scratch_dir("upload") as scratch:
+        tmp = scratch / f"upload{suffix}"
+        tmp.write_bytes(data)
         return load_audio(tmp, rate, max_seconds=max_seconds, name=name)
-    finally:
-        os.unlink(tmp)
 
 
 def write_wav(path: Path | str, samples: np.ndarray, rate: int = AUDIO_RATE) -> Path:

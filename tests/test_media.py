@@ -177,3 +177,15 @@ def test_decoding_stops_at_the_cap_when_the_header_lies(tmp_path: Path, monkeypa
     with pytest.raises(InputError, match="longer than 3 s"):
         media.load_audio(wav, max_seconds=3)
     assert len(media.load_audio(wav, max_seconds=8)) == 8 * media.AUDIO_RATE
+
+
+def test_uploads_are_decoded_in_a_scratch_directory_that_goes_away(tmp_path, monkeypatch):
+    import tempfile
+
+    from tests.conftest import tone
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    wav = media.write_wav(tmp_path / "speech.wav", tone(0.5))
+    samples = media.load_audio_bytes(wav.read_bytes(), "../../evil name.wav")
+    assert abs(len(samples) - media.AUDIO_RATE // 2) <= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"], "no upload left behind"

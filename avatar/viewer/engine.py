@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar.atomic import clean_stale_scratch
 from avatar.errors import AvatarError, InputError
 from avatar.media import AUDIO_RATE, load_audio, load_audio_bytes
 from avatar.models import FrameCondition
@@ -121,6 +122,7 @@ class ViewerEngine:
                  size: Optional[int] = None, progress: Optional[Progress] = None,
                  subject: Optional[Path | str] = None):
         self.run_dir = Path(run_dir)
+        clean_stale_scratch()  # uploads a killed viewer was decoding
         avatar = load_avatar(run_dir, device, subject=subject)
         self.model, self.step = avatar.model, avatar.step
         self.model.requires_grad_(False)
