@@ -363,6 +363,16 @@ class _Trainer:
                          "n_mouth": len(self.model.mouth)})
 
 
+def _fit_audio_encoder(config: TrainConfig, features: dict[str, Any]) -> TrainConfig:
+    """The audio encoder's input shape is the subject's feature window: ``W`` frames of ``D``
+    values (mel 16 x 80, whisper 4 x 384, ...), whatever the preset says."""
+    window, dim = int(features.get("window") or 0), int(features.get("dim") or 0)
+    if window < 1 or dim < 1:
+        raise AvatarError("the subject's subject.json does not say the shape of its audio features; preprocess it again.")
+    audio = dataclasses.replace(config.model.audio, window=window, dim=dim)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, audio=audio))
+
+
 def train(
     subject_dir: Path | str,
     run_dir: Path | str,
@@ -489,6 +499,7 @@ def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides
     if config.resolution > manifest.size:
         log.info("Training at the subject's %d px (the preset asks for %d).", manifest.size, config.resolution)
         config = dataclasses.replace(config, resolution=manifest.size)
+    config = _fit_audio_encoder(config, manifest.audio_features)
     if force:
         _clear_run(paths)
     return config

@@ -301,3 +301,28 @@ def test_stale_checkpoint_leftovers_of_a_killed_trainer_are_removed(small_subjec
     train(subject, run, device="cpu", resume=True, overrides={"iterations": 3})
     assert not any(p.exists() for p in stale) and not legacy.exists()
     assert live.exists()
+
+
+def test_the_audio_encoder_takes_the_shape_of_the_subjects_features(small_subject, tmp_path):
+    """A subject made with other features (whisper: 4 x 384 per frame, not mel's 16 x 80) trains and speaks."""
+    import shutil
+
+    from avatar.preprocess.pipeline import PreprocessConfig, preprocess
+    from avatar.speak import SampleSpeech, SpeechDriver
+    from avatar.subject_data import SubjectData
+    from tests.conftest import tone
+
+    paths, subject = small_subject
+    whisper_subject = tmp_path / "subject"
+    shutil.copytree(subject, whisper_subject, ignore=shutil.ignore_patterns(".cache"))
+    preprocess(paths.video, whisper_subject, PreprocessConfig(size=128, audio_features="whisper"))
+    run = tmp_path / "run"
+    train(whisper_subject, run, overrides=tiny_train(2), device="cpu")
+    avatar = load_avatar(run, "cpu")
+    assert (avatar.model.audio.config.window, avatar.model.audio.config.dim) == (4, 384)
+    data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features)
+    driver = SpeechDriver(avatar.model, data)
+    batch = next(driver.frames(SampleSpeech(tone(0.5)), batch=2))
+    frames = avatar.model.render_many(batch.condition, batch.viewmats, data.K, 64, 64,
+                                      torch.stack([data.frame(int(i)).background for i in batch.subject_frames]))
+    assert frames.shape == (2, 64, 64, 3) and torch.isfinite(frames).all()
