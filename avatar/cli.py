@@ -253,7 +253,7 @@ def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, siz
               help="A video of another person speaking (repeatable): the avatar says its speech and its lips are "
                    "compared with that person's (cross_mouth_corr).")
 @click.option("--drive-size", type=SIZE, default=None,
-              help="Side of the --drive renders [default: the training one; mediapipe needs a face of ~60 px].")
+              help="Side of the --drive renders [default: the training one; mediapipe finds no face at 64 px].")
 @click.option("--drive-video", "drive_video", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory to write each --drive render beside the real video (drive_NAME.mp4).")
 @SUBJECT_OPTION

@@ -184,7 +184,7 @@ def drive_metrics(model: AvatarModel, data: SubjectData, video: DrivingVideo | P
     """Cross-speaker lip sync of ``model`` driven by the speech of ``video`` (see the module docstring).
 
     Args:
-        data: the avatar's subject at the size to render (mediapipe needs a face of some 60 px or more).
+        data: the avatar's subject at the size to render (mediapipe finds no face in a 64 px render).
         video: a driving video already checked by :func:`load_driving_video`, or its path.
         side_by_side: also write real video | avatar as an mp4 with the driving speech.
 
