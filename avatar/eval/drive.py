@@ -199,9 +199,11 @@ def drive_metrics(model: AvatarModel, data: SubjectData, video: DrivingVideo | P
         with scratch_dir("drive") as tmp:
             checked = load_driving_video(video, data.subject.manifest.fps, tmp / "speech.wav", progress)
             return drive_metrics(model, data, checked, side_by_side, progress)
+    fps = video.fps
+    if not np.isclose(fps, data.subject.manifest.fps):
+        raise ValueError(f"{video.path} was measured at {fps:g} fps, the subject runs at {data.subject.manifest.fps:g}")
     model.eval()
     start = time.perf_counter()
-    fps = video.fps
     n = min(len(video.real_open), SpeechDriver(model, data).n_frames(WavSpeech(video.wav)))
     with contextlib.ExitStack() as stack:
         tracker = stack.enter_context(MouthTracker().session())
