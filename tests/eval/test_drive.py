@@ -137,3 +137,13 @@ def test_load_driving_video_refuses_silence(tmp_path):
                       audio=media.write_wav(tmp_path / "silence.wav", np.zeros(16000 * 2)))
     with pytest.raises(InputError, match="silent"):
         load_driving_video(video, 25.0, tmp_path / "speech.wav")
+
+
+def test_eval_drive_never_writes_over_a_driving_video(tiny_run, other_speaker, tmp_path):
+    video, _ = other_speaker
+    before = video.read_bytes()
+    result = _invoke("eval", tiny_run, "--drive", video, "--json", video)
+    assert result.exit_code == 1 and "is also an input" in result.output, result.output
+    assert video.read_bytes() == before
+    result = _invoke("eval", tiny_run, "--drive", video, "--drive-video", tmp_path / "missing")
+    assert result.exit_code == 1 and "does not exist" in result.output, result.output
