@@ -249,11 +249,20 @@ def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, siz
 @click.option("--video", type=click.Path(path_type=Path), default=None,
               help="Side-by-side GT | render mp4 (default: RUN/eval_SPLIT.mp4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--drive", type=click.Path(path_type=Path), multiple=True,
+              help="A video of another person speaking (repeatable): the avatar says its speech and its lips are "
+                   "compared with that person's (cross_mouth_corr).")
+@click.option("--drive-size", type=SIZE, default=None,
+              help="Side of the --drive renders [default: the training one; mediapipe finds no face at 64 px].")
+@click.option("--drive-video", "drive_video", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write each --drive render beside the real video (drive_NAME.mp4).")
 @SUBJECT_OPTION
 @STEP_OPTION
 def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | None, device: str,
+             drive: tuple[Path, ...], drive_size: int | None, drive_video: Path | None,
              subject: Path | None, step: int | None) -> None:
-    """Re-render a split of the subject and compare with the ground truth."""
+    """Re-render a split of the subject and compare with the ground truth; with --drive, also
+    judge lip sync against real mouths of other speakers."""
     import json
 
     from avatar.eval import evaluate_run
@@ -261,7 +270,8 @@ def evaluate(run_dir: Path, split: str, json_path: Path | None, video: Path | No
     progress = ConsoleProgress()
     video = video or Path(run_dir) / f"eval_{split}.mp4"
     try:
-        metrics = evaluate_run(run_dir, split, json_path, video, device, progress, subject=subject, step=step)
+        metrics = evaluate_run(run_dir, split, json_path, video, device, progress, subject=subject, step=step,
+                               drive=drive, drive_size=drive_size, drive_video_dir=drive_video)
     finally:
         progress.close()
     click.echo(json.dumps(metrics, indent=2))

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,13 +23,15 @@ import torch
 from avatar import media
 from avatar.atomic import check_output_dir, clean_stale, clean_stale_scratch, refuse_overwrite, scratch_dir, write_json_atomic
 from avatar.errors import InputError, OutputExistsError
+from avatar.eval.drive import DrivingVideo, drive_metrics, load_driving_video
 from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
 from avatar.image_metrics import RegionErrors, lpips_or_none, psnr, ssim
 from avatar.models import AvatarModel, FrameCondition
 from avatar.progress import Progress, track
-from avatar.run import RunPaths, load_avatar, read_config, resolve_device
+from avatar.run import LoadedAvatar, RunPaths, load_avatar, read_config, resolve_device
 from avatar.speak import SpeechDriver
-from avatar.subject import MASK_LEGEND, SubjectPaths
+from avatar.speak.render import MAX_SIZE, MIN_SIZE
+from avatar.subject import MASK_LEGEND, SubjectPaths, read_manifest
 from avatar.subject_data import SubjectData
 
 log = logging.getLogger(__name__)
@@ -160,20 +162,30 @@ def _side_by_side_writer(path: Path, data, indices: np.ndarray) -> _SideBySide:
 def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Path | str] = None,
                  video_path: Optional[Path | str] = None, device: str = "auto",
                  progress: Optional[Progress] = None, subject: Optional[Path | str] = None,
-                 extra: Optional[dict[str, Any]] = None, step: Optional[int] = None) -> dict[str, Any]:
+                 extra: Optional[dict[str, Any]] = None, step: Optional[int] = None,
+                 drive: Sequence[Path | str] = (), drive_size: Optional[int] = None,
+                 drive_video_dir: Optional[Path | str] = None) -> dict[str, Any]:
     """Evaluate a run on a split of its subject; optionally write the JSON and a GT | render video.
 
     Args:
         subject: the run's subject directory, when it has moved since training.
         extra: facts recorded with the metrics (e.g. the training time, from the caller that trained).
         step: the checkpoint to evaluate (default: the newest complete one).
+        drive: videos of other people speaking: the avatar says their speech and its lips are
+            compared with theirs (:mod:`avatar.eval.drive`); adds ``drive`` (per video) and
+            ``cross_mouth_corr`` (their mean) to the metrics.
+        drive_size: the side those renders get (default: the training resolution).
+        drive_video_dir: write each as real video | avatar there (``drive_STEM.mp4``).
 
     Raises:
         AvatarError: bad run directory, unknown split, output directory missing or not writable, an
-            output that is an input, subject not found.
+            output that is an input, subject not found, a driving video without face, speech or length.
     """
     read_config(run_dir)  # "not a run" before "RUN/eval_val.mp4 has no directory"
-    outputs = [Path(out) for out in (json_path, video_path) if out is not None]
+    drives = _unique_paths(drive)
+    _check_drive_size(drive_size)
+    beside = _side_by_side_paths(drives, drive_video_dir)
+    outputs = [Path(out) for out in (json_path, video_path) if out is not None] + beside
     for out in outputs:
         check_output_dir(out)
     if len(outputs) == 2 and (outputs[0].resolve() == outputs[1].resolve()):
@@ -182,14 +194,66 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
         raise InputError(f"--split must be train, val or all, got {split!r}.")
     avatar = load_avatar(run_dir, device, step=step, subject=subject)
     for out in outputs:
-        refuse_overwrite(out, *RunPaths(run_dir).inputs(), *SubjectPaths(avatar.subject_dir).inputs())
+        refuse_overwrite(out, *drives, *RunPaths(run_dir).inputs(), *SubjectPaths(avatar.subject_dir).inputs())
         clean_stale(out.parent)
     clean_stale_scratch()
-    data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features, resolve_device(device),
-                       progress)
-    metrics = evaluate_model(avatar.model, data, split, progress, video=Path(video_path) if video_path else None)
+    with scratch_dir("drive") as tmp:
+        # Every driving video is checked (speech, face, length) before the long renders start.
+        fps = read_manifest(avatar.subject_dir).fps
+        driving = [load_driving_video(p, fps, tmp / f"speech{i}.wav", progress) for i, p in enumerate(drives)]
+        data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features,
+                           resolve_device(device), progress)
+        metrics = evaluate_model(avatar.model, data, split, progress, video=Path(video_path) if video_path else None)
+        if driving:
+            size = drive_size or avatar.resolution
+            size += size % 2  # the same size with or without --drive-video, whose H.264 needs an even one
+            metrics.update(_drive_all(avatar, driving, size, beside, device, progress))
     metrics.update(extra or {})
     metrics["step"] = avatar.step
     if json_path is not None:
         write_json_atomic(Path(json_path), json.dumps(metrics, indent=2))
     return metrics
+
+
+def _check_drive_size(size: Optional[int]) -> None:
+    """Refuse a --drive-size that renders no face or outgrows memory, before anything is loaded."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE):
+        raise InputError(f"--drive-size must be a whole number of pixels from {MIN_SIZE} to {MAX_SIZE}, got {size!r}.")
+
+
+def _unique_paths(paths: Sequence[Path | str]) -> list[Path]:
+    """The driving videos in the order given, each once (the same file named twice is measured once)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not any(p.resolve() == q.resolve() for q in out):
+            out.append(p)
+    return out
+
+
+def drive_keys(paths: Sequence[Path]) -> list[str]:
+    """How the metrics name each driving video: its file name, or the path as given where names clash."""
+    names = [p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def _side_by_side_paths(paths: Sequence[Path], directory: Optional[Path | str]) -> list[Path]:
+    """``DIR/drive_STEM.mp4`` per driving video (numbered where stems clash); none without a directory."""
+    if directory is None:
+        return []
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"The directory {directory} does not exist; create it first.")
+    stems = [p.stem for p in paths]
+    return [directory / (f"drive_{stem}.mp4" if stems.count(stem) == 1 else f"drive_{stem}_{i + 1}.mp4")
+            for i, stem in enumerate(stems)]
+
+
+def _drive_all(avatar: LoadedAvatar, driving: Sequence[DrivingVideo], size: int, beside: Sequence[Path],
+               device: str, progress: Optional[Progress]) -> dict[str, Any]:
+    """``drive``: the metrics of each driving video, and ``cross_mouth_corr``: their mean (None if none has one)."""
+    data = SubjectData(avatar.subject_dir, size, avatar.model.motion_features, resolve_device(device), progress)
+    per_video = {}
+    for i, (key, video) in enumerate(zip(drive_keys([d.path for d in driving]), driving)):
+        per_video[key] = drive_metrics(avatar.model, data, video, beside[i] if beside else None, progress)
+    values = [m["cross_mouth_corr"] for m in per_video.values() if m["cross_mouth_corr"] is not None]
+    return {"drive": per_video, "cross_mouth_corr": round(float(np.mean(values)), 4) if values else None}
