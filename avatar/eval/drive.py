@@ -37,7 +37,7 @@ from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lip_sync_corr
 from avatar.models import AvatarModel
 from avatar.progress import Progress, null_progress, track
 from avatar.speak import DriveOptions, SpeechDriver, WavSpeech
-from avatar.speak.render import check_speech
+from avatar.speak.render import check_speech, rendered_batches
 from avatar.subject_data import SubjectData
 
 log = logging.getLogger(__name__)
@@ -166,16 +166,12 @@ def render_driven(model: AvatarModel, data: SubjectData, wav: Path, n_frames: in
     through :class:`avatar.speak.SpeechDriver` exactly as ``avatar render`` does (pose loop, auto blinks)."""
     driver = SpeechDriver(model, data)
     plan = driver.plan(n_frames, DRIVE_OPTIONS)
-    size = data.resolution
     done = 0
     report = progress or null_progress
     report("drive: render", 0, n_frames)
-    for driven in driver.frames(WavSpeech(wav), DRIVE_OPTIONS, batch, plan):
-        backgrounds = torch.stack([data.frame(int(i)).background for i in driven.subject_frames])
-        images = model.render_many(driven.condition, driven.viewmats, data.K, size, size, backgrounds)
-        for image in (images.clamp(0, 1) * 255).round().byte().cpu().numpy():
-            yield image
-        done += len(driven.subject_frames)
+    for images, _ in rendered_batches(driver, WavSpeech(wav), plan, batch, DRIVE_OPTIONS.block):
+        yield from images
+        done += len(images)
         report("drive: render", done, n_frames)
 
 

@@ -9,7 +9,7 @@ from avatar.speak.driver import (
     SpeechSource,
     WavSpeech,
 )
-from avatar.speak.render import RenderOptions, RenderSummary, render_speech
+from avatar.speak.render import RenderOptions, RenderSummary, render_speech, rendered_batches
 from avatar.speak.tracks import BLINK_NAMES, auto_blinks, blink_events, blink_track, loop_indices, pose_track
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "loop_indices",
     "pose_track",
     "render_speech",
+    "rendered_batches",
 ]
