@@ -27,6 +27,8 @@ class DemoConfig:
     iterations: Optional[int] = None
     """Training iterations (default: the preset's)."""
     device: str = "auto"
+    audio_features: str = "mel"
+    """Speech features of the subject (see ``avatar preprocess --audio-features``)."""
 
 
 @dataclass
@@ -61,8 +63,8 @@ def run_demo(out_dir: Path | str, config: DemoConfig = DemoConfig(), progress: O
     speech = timed("speech", lambda: make_sample(
         out / "speech", SampleConfig(seed=config.speech_seed, duration_s=config.speech_duration_s, size=128), progress))
     subject = out / "subject"
-    timed("preprocess", lambda: preprocess(sample.video, subject, PreprocessConfig(size=config.size), force=True,
-                                           progress=progress))
+    features = PreprocessConfig(size=config.size, audio_features=config.audio_features)
+    timed("preprocess", lambda: preprocess(sample.video, subject, features, force=True, progress=progress))
     run = out / "run"
     overrides = {"iterations": config.iterations} if config.iterations else None
     paths = RunPaths(run)
