@@ -126,7 +126,7 @@ def sample(out_dir: Path, seed: int, duration: float) -> None:
               help="Side of the square crop in pixels (even).")
 @click.option("--fps", type=click.FloatRange(1.0, 120.0), default=25.0, show_default=True,
               help="Constant frame rate to resample to.")
-@click.option("--audio-features", default="mel", show_default=True,
+@click.option("--audio-features", default="whisper", show_default=True,
               help="mel (log-mel, no weights), whisper (the Whisper tiny.en encoder installed with avatar; "
                    "whisper:PATH another CTranslate2 Whisper), hubert:PATH_OR_NAME or wav2vec2:PATH_OR_NAME "
                    "(local weights).")

@@ -27,7 +27,7 @@ class DemoConfig:
     iterations: Optional[int] = None
     """Training iterations (default: the preset's)."""
     device: str = "auto"
-    audio_features: str = "mel"
+    audio_features: str = "whisper"
     """Speech features of the subject (see ``avatar preprocess --audio-features``)."""
 
 

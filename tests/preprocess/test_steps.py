@@ -106,7 +106,7 @@ def test_audio_and_features_alone(tmp_path):
     store.work_dir.mkdir(parents=True)
     store.save("tracking", {"valid": np.ones(N_FRAMES, bool), "landmarks": np.zeros((N_FRAMES, 478, 3), np.float32)})
     source = _source(tmp_path, "speech", seconds=1.5)
-    config = PreprocessConfig()
+    config = PreprocessConfig(audio_features="mel")
 
     ctx = _context(store, "audio", source)
     params = pipeline.audio_params(config, ctx)
@@ -174,7 +174,7 @@ def test_cache_keys_are_those_of_subjects_made_before_the_table(tmp_path):
         "detect": (), "track": ("detect",), "face_model": ("track",), "masks": ("face_model",),
         "blendshapes": ("face_model",), "audio": (), "audio_features": ("audio",),
     }
-    config = PreprocessConfig(size=256, fps=30.0, max_gap_s=0.4)
+    config = PreprocessConfig(size=256, fps=30.0, max_gap_s=0.4, audio_features="mel")
     store = Workspace(tmp_path)
     store.work_dir.mkdir()
     boxes = np.array([[100.0, 80.0, 180.0, 190.0]] * 5)
