@@ -208,7 +208,7 @@ def _remove_stale_partials_of(path: Path) -> None:
 def clean_stale(directory: Path | str, legacy_tmp: bool = False) -> None:
     """Remove what killed processes left in ``directory``: partial files and scratch directories
     whose pid no longer runs (a live writer's are kept). With ``legacy_tmp`` (the checkpoints
-    directory), also safetensors' ``.tmpXXXXXX`` files older than :data:`LEGACY_TMP_AGE_S`."""
+    directory), also safetensors' ``.tmp`` + 6 random characters files older than :data:`LEGACY_TMP_AGE_S`."""
     try:
         entries = list(Path(directory).iterdir())
     except OSError:
@@ -251,8 +251,8 @@ def clean_stale_scratch() -> None:
 def scratch_dir(kind: str, parent: Optional[Path | str] = None) -> Iterator[Path]:
     """A temporary directory named with this process's pid, removed on exit.
 
-    In the system's temporary directory by default (``avatar-KIND-pidPID-XXXX``); inside
-    ``parent`` as a hidden ``.avatar-KIND-pidPID-XXXX`` (same file system, so its files can be
+    In the system's temporary directory by default (``avatar-KIND-pidPID-`` + random characters); inside
+    ``parent`` as a hidden ``.avatar-KIND-pidPID-`` + random characters (same file system, so its files can be
     renamed into place). A killed process's scratch is removed by the next :func:`clean_stale`.
     """
     if not re.fullmatch(r"[a-z]+", kind):

@@ -136,7 +136,7 @@ def save_checkpoint(
 
     The JSON lands last and records the tensors file's size and sha256, so that a reader can
     tell a complete checkpoint from one cut short. safetensors writes through a temporary file of
-    its own (``.tmpXXXXXX``, no pid): it writes inside a scratch directory named with our pid, so a
+    its own (``.tmp`` + 6 random characters, no pid): it writes inside a scratch directory named with our pid, so a
     killed writer's leftovers are recognised and removed by the next run.
     """
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
