@@ -234,6 +234,15 @@ def _last_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+ON_VIDEO_CLOCK = ("-af", "aresample=first_pts=0")
+"""Decode audio on the clock the video frames are read on (:func:`iter_frames`): sample 0 is
+time 0 of the container. A video's audio stream may start later than its video (a camera, a
+cut, a remux): ffmpeg's frame-rate filter then repeats the first video frame from time 0, and
+without this the speech would start early by the same amount, in the features the mouth is
+trained on and in the sound a driving video is judged by. ffmpeg pads the gap with silence (and
+trims audio that starts before 0, an encoder's priming)."""
+
+
 def load_audio(path: Path | str, rate: int = AUDIO_RATE, max_seconds: Optional[float] = None,
                name: Optional[str] = None) -> np.ndarray:
     """Decode the first audio stream of an audio or video file to mono float32 in [-1, 1].
@@ -256,7 +265,7 @@ def load_audio(path: Path | str, rate: int = AUDIO_RATE, max_seconds: Optional[f
         raise _too_long(label, info.duration_s, max_seconds)
     max_bytes = None if max_seconds is None else 2 * int(max_seconds * rate)
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *safe_input_args(path),
-               "-vn", "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"]
+               "-vn", *ON_VIDEO_CLOCK, "-ac", "1", "-ar", str(rate), "-f", "s16le", "-acodec", "pcm_s16le", "-"]
     with tempfile.TemporaryFile() as errors:  # a file, not a pipe: ffmpeg never blocks on its messages
         with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors) as proc:
             assert proc.stdout is not None
@@ -464,7 +473,7 @@ def decode_audio_to_wav(src: Path | str, dst: Path | str, rate: int = AUDIO_RATE
         raise InputError(f"{src} has no audio stream.")
     proc = subprocess.run(
         [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *safe_input_args(src),
-         "-vn", "-ac", "1", "-ar", str(rate), "-acodec", "pcm_s16le", "-f", "wav", str(dst)],
+         "-vn", *ON_VIDEO_CLOCK, "-ac", "1", "-ar", str(rate), "-acodec", "pcm_s16le", "-f", "wav", str(dst)],
         capture_output=True,
     )
     if proc.returncode != 0 or not dst.is_file():

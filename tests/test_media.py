@@ -5,7 +5,7 @@ import pytest
 
 from avatar import media
 from avatar.errors import InputError
-from tests.conftest import tone
+from tests.conftest import tone, write_test_video
 
 
 def _frames(n: int, w: int = 96, h: int = 64):
@@ -189,3 +189,24 @@ def test_uploads_are_decoded_in_a_scratch_directory_that_goes_away(tmp_path, mon
     samples = media.load_audio_bytes(wav.read_bytes(), "../../evil name.wav")
     assert abs(len(samples) - media.AUDIO_RATE // 2) <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"], "no upload left behind"
+
+
+def test_audio_that_starts_after_the_video_is_decoded_on_the_video_clock(tmp_path: Path):
+    """A remuxed clip whose sound starts 0.2 s into the video: the decoded speech starts 0.2 s in
+    too (silence before), as the frames do; read from the stream's first sample it would lead the
+    mouth by 0.2 s in training and in ``eval --drive``."""
+    import subprocess
+
+    clip = write_test_video(tmp_path / "clip.mp4", lambda i: np.full((64, 64, 3), 128, np.uint8), 25)
+    late = tmp_path / "late.mp4"
+    subprocess.run([media.ffmpeg_exe(), "-loglevel", "error", "-y", "-i", str(clip), "-itsoffset", "0.2",
+                    "-i", str(clip), "-map", "0:v", "-map", "1:a", "-c", "copy", str(late)], check=True)
+
+    def onset(samples: np.ndarray) -> float:
+        return int(np.argmax(np.abs(samples) > 0.05)) / media.AUDIO_RATE
+
+    on_time, delayed = media.load_audio(clip), media.load_audio(late)
+    assert onset(delayed) - onset(on_time) == pytest.approx(0.2, abs=0.01)
+    seconds = media.decode_audio_to_wav(late, tmp_path / "late.wav")
+    assert onset(media.read_wav_segment(tmp_path / "late.wav", 0, int(seconds * media.AUDIO_RATE))) == \
+        pytest.approx(onset(delayed), abs=1e-3)

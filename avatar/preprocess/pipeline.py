@@ -441,7 +441,7 @@ STEPS: tuple[Step, ...] = (
          run=redraw_masks, params=no_params),
     Step("blendshapes", version=2, inputs=("tracking", "face_model"), outputs=("blendshapes",),
          run=blendshapes, params=blendshape_params),
-    Step("audio", version=1, inputs=("tracking",), outputs=("audio",),
+    Step("audio", version=2, inputs=("tracking",), outputs=("audio",),
          run=extract_audio, params=audio_params, keyed_on=()),
     Step("audio_features", version=1, inputs=("audio", "tracking"), outputs=("audio_features",),
          run=audio_features, params=audio_feature_params, keyed_on=("audio",)),
