@@ -106,6 +106,45 @@ def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_r
     return out
 
 
+LIP_GAP = "lip_gap"
+"""Name of the mouth-target track measured on the landmarks rather than read from the blendshapes:
+the inner-lip gap over the eye-corner distance (:func:`avatar.topology.inner_lip_opening`), the
+same number ``avatar eval --drive`` compares across people."""
+
+
+def mouth_target_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], train: np.ndarray) -> np.ndarray:
+    """The tracked mouth shape [T, K] the audio code is taught to predict, standardised per track.
+
+    Each track is shifted and scaled to zero mean and unit variance over the ``train`` frames, so
+    that every track weighs the same in the read-out loss whatever its units, and so that nothing
+    of the validation split leaks in. Frames without a face (or a track without variance) read NaN.
+
+    Args:
+        names: :data:`LIP_GAP` or blendshape names of the subject (``jaw_open``, ``lips_apart``, ...).
+        train: frame indices whose statistics standardise the tracks.
+
+    Raises:
+        InputError: a named blendshape is not in the subject.
+    """
+    available = [str(n) for n in tracks["blendshape_names"]]
+    missing = [n for n in names if n != LIP_GAP and n not in available]
+    if missing:
+        raise InputError(f"the subject has no {', '.join(missing)} track; preprocess it again.")
+    valid = tracks["valid"].astype(bool)
+    out = np.full((len(valid), len(names)), np.nan, np.float64)
+    for column, name in enumerate(names):
+        if name == LIP_GAP:
+            out[:, column] = topology.inner_lip_opening(tracks["landmarks"])
+        else:
+            out[:, column] = tracks["blendshapes"][:, available.index(name)]
+    out[~valid] = np.nan
+    fit = out[train] if len(train) else out
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean, std = np.nanmean(fit, axis=0), np.nanstd(fit, axis=0)
+        out = (out - mean) / np.where(std > 1e-8, std, np.nan)
+    return out.astype(np.float32)
+
+
 def pose_columns(names: Sequence[str]) -> list[tuple[int, int]]:
     """(condition column, axis of :func:`head_rotation_features`) of each head-rotation track in ``names``."""
     return [(column, POSE_FEATURES.index(name)) for column, name in enumerate(names) if name in POSE_FEATURES]
@@ -115,7 +154,8 @@ class SubjectData:
     """Training view of a subject at one resolution."""
 
     def __init__(self, subject_dir: Path | str, resolution: int, motion_features: Sequence[str],
-                 device: torch.device | str = "cpu", progress: Optional[Progress] = None):
+                 device: torch.device | str = "cpu", progress: Optional[Progress] = None,
+                 mouth_targets: Sequence[str] = ()):
         self.subject = Subject(subject_dir)
         self.resolution = resolution
         self.device = torch.device(device)
@@ -132,6 +172,10 @@ class SubjectData:
         self.motion_features = tuple(str(n) for n in motion_features)
         self.motion = torch.from_numpy(condition_tracks(tracks, motion_features, self.pose_reference)).to(self.device)
         self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
+        self.mouth_target_names = tuple(str(n) for n in mouth_targets)
+        self.mouth_targets = torch.from_numpy(
+            mouth_target_tracks(tracks, self.mouth_target_names, train)).to(self.device)
+        """[T, K] standardised mouth tracks the audio code is taught to predict; NaN without a face."""
         lips = tracks["landmarks"][:, list(topology.LIPS_OUTER), :2] * (resolution / m.size)
         self.lips = np.nan_to_num(lips)
         self.face_mean = tracks["face_mean"]

@@ -21,6 +21,34 @@ RIGHT_IRIS = (468, 469, 470, 471, 472)
 
 MOUTH = tuple(sorted(set(LIPS_OUTER) | set(LIPS_INNER)))
 """Every lip landmark: the set the mouth-landmark distance (LMD) is measured on."""
+UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
+"""Middle of the inner upper and lower lip: their distance is the mouth opening."""
+EYE_OUTER_RIGHT, EYE_OUTER_LEFT = 33, 263
+"""Outer eye corners: their distance normalises the opening for face size and distance."""
+
+
+def inner_lip_opening(landmarks: np.ndarray) -> np.ndarray:
+    """Mouth opening per frame: inner-lip gap (13-14) over the outer-eye-corner distance (33-263).
+
+    Dividing by the eye distance makes the figure independent of face size, crop and resolution,
+    so the same number describes a subject's tracked mouth, a rendered one and another person's.
+
+    Args:
+        landmarks: [T, 478, D] or [478, D] with D >= 2 (only x, y are used).
+
+    Returns:
+        float64 [T]; NaN where the face is missing (NaN landmarks or coincident eye corners).
+    """
+    a = np.asarray(landmarks, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1] != N_LANDMARKS or a.shape[2] < 2:
+        raise ValueError(f"landmarks must be [T, {N_LANDMARKS}, 2] (or 3), got shape {a.shape}")
+    a = a[..., :2]
+    gap = np.linalg.norm(a[:, UPPER_LIP_INNER] - a[:, LOWER_LIP_INNER], axis=-1)
+    eyes = np.linalg.norm(a[:, EYE_OUTER_RIGHT] - a[:, EYE_OUTER_LEFT], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(eyes > 0, gap / eyes, np.nan)
 
 
 def polygon(landmarks: np.ndarray, loop: tuple[int, ...]) -> np.ndarray:

@@ -70,3 +70,35 @@ def test_a_pose_file_changes_only_the_head_rotation_columns(small_subject):
     n_eye = len(MOTION_FEATURES) - len(POSE_FEATURES)
     torch.testing.assert_close(posed[:, :n_eye], own[:, :n_eye])
     assert (posed[:, n_eye:] - own[:, n_eye:]).abs().max() > 1.0  # 15 degrees is 1.5 units
+
+
+def test_mouth_targets_are_standardised_on_the_train_frames_and_nan_without_a_face():
+    from avatar.subject_data import LIP_GAP, mouth_target_tracks
+
+    landmarks = np.zeros((4, 478, 3), np.float32)
+    landmarks[:, 263, 0] = 2.0  # eye corners 2 apart
+    landmarks[:, 14, 1] = [0.2, 0.4, 0.6, 5.0]  # lip gap over eye distance: 0.1, 0.2, 0.3, 2.5
+    tracks = {
+        "blendshape_names": np.array(["jaw_open", "eye_blink_left"]),
+        "blendshapes": np.array([[0.0], [1.0], [2.0], [9.0]], np.float32) * [1.0, 0.0],
+        "landmarks": landmarks,
+        "valid": np.array([True, True, True, False]),
+    }
+    out = mouth_target_tracks(tracks, (LIP_GAP, "jaw_open"), train=np.array([0, 1, 2]))
+    np.testing.assert_allclose(out[:3], [[-1.2247, -1.2247], [0.0, 0.0], [1.2247, 1.2247]], atol=1e-4)
+    assert np.isnan(out[3]).all()  # no face in frame 3: nothing to teach there
+    flat = mouth_target_tracks(tracks, ("eye_blink_left",), train=np.array([0, 1, 2]))
+    assert np.isnan(flat).all()  # a track without variance teaches nothing
+    with pytest.raises(InputError, match="mouth_pucker"):
+        mouth_target_tracks(tracks, ("mouth_pucker",), train=np.array([0, 1]))
+
+
+def test_inner_lip_opening_is_the_lip_gap_over_the_eye_distance_whatever_the_scale():
+    from avatar.topology import inner_lip_opening
+
+    face = np.zeros((478, 2))
+    face[263, 0], face[14, 1] = 4.0, 1.0
+    np.testing.assert_allclose(inner_lip_opening(np.stack([face, face * 3.0])), [0.25, 0.25])
+    assert np.isnan(inner_lip_opening(np.full((478, 2), np.nan)))[0]
+    with pytest.raises(ValueError, match="478"):
+        inner_lip_opening(np.zeros((10, 2)))

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 MOUTH = topology.MOUTH
 """The 40 lip landmarks LMD is measured on: the outer and inner lip loops."""
-UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
-"""Middle of the inner upper and lower lip: their distance is the mouth opening."""
-EYE_OUTER_RIGHT, EYE_OUTER_LEFT = 33, 263
-"""Outer eye corners: their distance normalises the opening for face size and distance."""
 AUDIO_RATE = 16_000
 """Sample rate :func:`audio_envelope` expects by default (the subject's audio.wav)."""
 
@@ -186,21 +182,9 @@ def lmd(pred_landmarks: np.ndarray, gt_landmarks: np.ndarray, size: int) -> floa
 
 
 def inner_lip_opening(landmarks: np.ndarray) -> np.ndarray:
-    """Mouth opening per frame: inner-lip gap (13-14) over the outer-eye-corner distance (33-263).
-
-    Dividing by the eye distance makes the figure independent of face size, crop and resolution.
-
-    Args:
-        landmarks: [T, 478, 2] (or [478, 2]).
-
-    Returns:
-        float64 [T]; NaN where the face is missing.
-    """
-    a = _as_sequence(landmarks, "landmarks")
-    gap = np.linalg.norm(a[:, UPPER_LIP_INNER] - a[:, LOWER_LIP_INNER], axis=-1)
-    eyes = np.linalg.norm(a[:, EYE_OUTER_RIGHT] - a[:, EYE_OUTER_LEFT], axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(eyes > 0, gap / eyes, np.nan)
+    """Mouth opening per frame (see :func:`avatar.topology.inner_lip_opening`); float64 [T], NaN
+    where the face is missing."""
+    return topology.inner_lip_opening(_as_sequence(landmarks, "landmarks"))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

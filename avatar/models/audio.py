@@ -175,16 +175,49 @@ class AudioAttention(nn.Module):
         return torch.einsum("bs,bsc->bc", weights, codes), weights
 
 
+def neighbourhood_indices(
+    n_frames: int,
+    indices: Tensor | Sequence[int],  # [B]
+    size: int,
+    device: torch.device | str | None = None,
+) -> Tensor:  # [B, S]
+    """Frame indices of the ``size`` frames around each index, clamped at the ends of the sequence.
+
+    Frame ``t``'s neighbourhood is ``t - size // 2 .. t + (size - 1) // 2`` (so ``t`` sits at
+    position ``size // 2``); indices before the first or past the last frame repeat the edge
+    frame, which keeps the window full and its centre at ``t``.
+
+    Args:
+        n_frames: T, frames in the sequence.
+        indices: frame indices in ``[0, T)``. [B]
+        size: S, frames per neighbourhood.
+
+    Returns:
+        int64 frame indices in time order. [B, S]
+
+    Raises:
+        ValueError: ``size < 1``, ``n_frames < 1`` or an index is out of range.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"neighbourhood_indices: expected a positive integer size, got {size!r}")
+    if n_frames < 1:
+        raise ValueError(f"neighbourhood_indices: expected a sequence of T >= 1 frames, got T = {n_frames}")
+    index = torch.as_tensor(indices, device=device).long().reshape(-1)  # [B]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_frames):
+        raise ValueError(
+            f"neighbourhood_indices: expected indices in [0, {n_frames}), got "
+            f"{int(index.min())}..{int(index.max())}"
+        )
+    offsets = torch.arange(size, device=index.device) - size // 2  # [S]
+    return (index[:, None] + offsets).clamp(0, n_frames - 1)  # [B, S]
+
+
 def gather_neighbourhoods(
     features: Tensor,  # [T, ...]
     indices: Tensor | Sequence[int],  # [B]
     size: int,
 ) -> Tensor:  # [B, S, ...]
-    """The ``size`` frames around each index, clamped at the ends of the sequence.
-
-    Frame ``t``'s neighbourhood is ``t - size // 2 .. t + (size - 1) // 2`` (so ``t`` sits at
-    position ``size // 2``); indices before the first or past the last frame repeat the edge
-    frame, which keeps the window full and its centre at ``t``.
+    """The ``size`` frames around each index (see :func:`neighbourhood_indices`).
 
     Args:
         features: per-frame features, e.g. audio windows. [T, ...]
@@ -197,23 +230,8 @@ def gather_neighbourhoods(
     Raises:
         ValueError: ``size < 1``, ``features`` is empty or an index is out of range.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"gather_neighbourhoods: expected a positive integer size, got {size!r}")
     n_frames = features.shape[0] if features.ndim > 0 else 0
-    if n_frames == 0:
-        raise ValueError(
-            f"gather_neighbourhoods: expected features [T, ...] with T >= 1, got "
-            f"{tuple(features.shape)}"
-        )
-    index = torch.as_tensor(indices, device=features.device).long().reshape(-1)  # [B]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_frames):
-        raise ValueError(
-            f"gather_neighbourhoods: expected indices in [0, {n_frames}), got "
-            f"{int(index.min())}..{int(index.max())}"
-        )
-    offsets = torch.arange(size, device=features.device) - size // 2  # [S]
-    frames = (index[:, None] + offsets).clamp(0, n_frames - 1)  # [B, S]
-    return features[frames]  # [B, S, ...]
+    return features[neighbourhood_indices(n_frames, indices, size, features.device)]
 
 
 class AudioConditioner(nn.Module):
@@ -265,9 +283,12 @@ class AudioConditioner(nn.Module):
                 f"{tuple(features.shape)}"
             )
         size = c.smooth_window if smooth else 1
-        windows = gather_neighbourhoods(features, indices, size)  # [B, S or 1, W, D]
-        b = windows.shape[0]
-        codes = self.encoder(windows.reshape(b * size, c.window, c.dim)).reshape(b, size, -1)
+        frames = neighbourhood_indices(features.shape[0], indices, size, features.device)  # [B, S or 1]
+        b = frames.shape[0]
+        # Neighbouring frames share most of their neighbourhoods (a block of consecutive frames
+        # when rendering, segments when training): encode each frame's window once.
+        unique, inverse = torch.unique(frames, return_inverse=True)
+        codes = self.encoder(features[unique])[inverse]  # [B, S or 1, C]
         if smooth:
             return self.attention(codes)
         weights = torch.zeros(b, c.smooth_window, dtype=codes.dtype, device=codes.device)

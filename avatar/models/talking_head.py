@@ -41,6 +41,13 @@ POSE_FEATURES = ("head_rot_x", "head_rot_y", "head_rot_z")
 swings with it. Derived from the pose track, not from the image (see
 :func:`avatar.subject_data.head_rotation_features`)."""
 
+MOUTH_TARGETS = ("lip_gap", "jaw_open", "lips_apart", "mouth_stretch", "mouth_pucker")
+"""Tracked mouth shape the audio code learns to predict (the inner-lip gap and the mouth
+blendshapes of preprocessing). Taught by the image loss alone, the code learned whatever told
+this one voice's frames apart: a linear read-out of a trained macron avatar's code followed
+another speaker's lips at r = 0.41 and 0.17; an encoder taught the mouth directly reached 0.57
+(benchmarks/RESULTS.md, Lip sync)."""
+
 MOTION_FEATURES = EYE_FEATURES + POSE_FEATURES
 """The default non-audio condition of the face branch. The head rotation raised katie's val PSNR
 by 0.7 and 0.4 dB in two seeds (benchmarks/RESULTS.md, Training): the hair's deformation follows it."""
@@ -60,6 +67,9 @@ class TalkingHeadConfig(Config):
     """Names of the non-audio condition tracks: blendshapes of the subject, or ``POSE_FEATURES``."""
     box_margin: float = 0.25
     """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
+    mouth_targets: tuple[str, ...] = MOUTH_TARGETS
+    """Tracks a linear read-out of the audio code predicts during training (``loss.audio_mouth``);
+    empty for no read-out. See :data:`MOUTH_TARGETS`."""
 
     def setup(self) -> "TalkingHead":
         return TalkingHead(self, n_face=1, n_mouth=1)
@@ -69,6 +79,7 @@ class TalkingHeadConfig(Config):
         """As :meth:`Config.from_dict`; runs trained before the motion condition had its name
         (``eye_features``, ``face.eye_dim``) keep loading."""
         data = dict(data)
+        data.setdefault("mouth_targets", ())  # runs from before the read-out have none
         if "eye_features" in data:
             data["motion_features"] = data.pop("eye_features")
         if isinstance(data.get("face"), Mapping) and "eye_dim" in data["face"]:
@@ -131,6 +142,9 @@ class TalkingHead(nn.Module):
         self.face = GaussianSet.empty(n_face, config.sh_degree)
         self.mouth = GaussianSet.empty(n_mouth, config.sh_degree)
         self.audio = AudioConditioner(config.audio)
+        # What the audio code says about the mouth: trained against the tracked mouth, so that the
+        # code carries mouth shape rather than the features that tell one voice's frames apart.
+        self.mouth_readout = nn.Linear(config.audio.code_dim, len(config.mouth_targets)) if config.mouth_targets else None
         self.face_deform = config.face.setup()
         self.mouth_deform = config.mouth.setup()
 
@@ -160,6 +174,17 @@ class TalkingHead(nn.Module):
     def audio_codes(self, features: Tensor, indices: Tensor, smooth: bool = True) -> Tensor:
         return self.audio(features, indices, smooth=smooth)[0]
 
+    def predict_mouth(self, codes: Tensor) -> Tensor:
+        """The mouth tracks (standardised, in ``config.mouth_targets`` order) that audio codes [B, C]
+        predict: [B, K].
+
+        Raises:
+            ValueError: the model has no read-out (``mouth_targets`` is empty).
+        """
+        if self.mouth_readout is None:
+            raise ValueError("this avatar has no mouth read-out (its config lists no mouth_targets)")
+        return self.mouth_readout(codes)
+
     def head_center(self) -> Tensor:
         return self.face.means.detach().mean(dim=0)
 
@@ -183,7 +208,8 @@ class TalkingHead(nn.Module):
             }
 
     def network_parameters(self) -> list[nn.Parameter]:
-        return [*self.audio.parameters(), *self.face_deform.parameters(), *self.mouth_deform.parameters()]
+        readout = [] if self.mouth_readout is None else list(self.mouth_readout.parameters())
+        return [*self.audio.parameters(), *readout, *self.face_deform.parameters(), *self.mouth_deform.parameters()]
 
     def conditions(self, features: Tensor, indices: Tensor, motion: Tensor, smooth: bool = True) -> list[FrameCondition]:
         """Conditions of B frames from the sequence's audio features [T, W, D] and motion tracks [B, E]."""

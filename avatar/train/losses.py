@@ -38,9 +38,23 @@ class LossWeights(Config):
     cannot load it trains without it and says so in the log."""
     lpips_net: str = "alex"
     """LPIPS backbone: "alex" or "vgg"."""
+    audio_mouth: float = 1.0
+    """Mean squared error of the audio code's mouth read-out against the tracked mouth
+    (``model.mouth_targets``, standardised), on a batch of train frames per step (``mouth_batch``).
+    It teaches the code mouth shape, which carries over to other voices (see
+    :data:`avatar.models.talking_head.MOUTH_TARGETS`); 0 switches it off."""
     scale: float = 10.0
     """Penalty on Gaussians larger than ``max_scale`` times the head size."""
     max_scale: float = 0.04
+
+
+def mouth_readout_loss(predicted: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over the finite entries of ``target`` [B, K] (a frame or track without a
+    face reads NaN); zero when none is finite."""
+    ok = torch.isfinite(target)
+    if not bool(ok.any()):
+        return predicted.sum() * 0.0
+    return (predicted[ok] - target[ok]).square().mean()
 
 
 def _box_of(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:

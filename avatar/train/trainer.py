@@ -53,7 +53,7 @@ from avatar.run import (
 )
 from avatar.subject import SubjectPaths, read_manifest
 from avatar.subject_data import HEAD_LABELS, Frame, SubjectData
-from avatar.train.losses import LossWeights, compute_loss
+from avatar.train.losses import LossWeights, compute_loss, mouth_readout_loss
 from avatar.train.ops import make_optimizer
 from avatar.train.strategy import DensifyStrategy
 
@@ -103,6 +103,11 @@ class TrainConfig(Config):
     checkpoint_minutes: float = 2.0
     """Also checkpoint after this many minutes of training since the last checkpoint (0: off)."""
     preview_every: int = 500
+    mouth_batch: int = 64
+    """Train frames per step on which the audio code's mouth read-out is taught (``loss.audio_mouth``),
+    in runs of :data:`MOUTH_RUN` consecutive frames: cheap (no rendering, and neighbours share the
+    audio windows they encode), and far more than the one rendered frame, so the code sees every
+    sentence of the subject many times over."""
     model: TalkingHeadConfig = field(default_factory=TalkingHeadConfig)
     lr: LearningRates = field(default_factory=LearningRates)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -128,7 +133,7 @@ def check_config(config: TrainConfig) -> None:
     Raises:
         AvatarError: names the option and the range it takes.
     """
-    for name in ("iterations", "log_every", "checkpoint_every", "preview_every"):
+    for name in ("iterations", "log_every", "checkpoint_every", "preview_every", "mouth_batch"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AvatarError(f"{name} must be a whole number of at least 1, got {value!r}.")
@@ -242,10 +247,14 @@ class _Trainer:
         self.config, self.paths, self.device = config, paths, device
         self.progress = progress or null_progress
         subject_dir = find_subject(paths.root, config.to_dict())
-        self.data = SubjectData(subject_dir, config.resolution, config.model.motion_features, device, progress)
+        self.data = SubjectData(subject_dir, config.resolution, config.model.motion_features, device, progress,
+                                mouth_targets=config.model.mouth_targets)
         self.train_idx = self.data.split("train")
         if len(self.train_idx) < 2:
             raise AvatarError(f"{subject_dir} has fewer than 2 tracked training frames.")
+        taught = torch.isfinite(self.data.mouth_targets[torch.from_numpy(self.train_idx)]).any(dim=1).cpu().numpy()
+        self.mouth_idx = torch.from_numpy(self.train_idx[taught])
+        """Train frames with a tracked mouth: where the read-out loss is taken."""
 
     def setup(self, resume: bool) -> None:
         cfg = self.config
@@ -325,6 +334,16 @@ class _Trainer:
         idx = torch.tensor([index], device=self.device)
         return self.model.conditions(self.data.audio_features, idx, frame.motion[None], smooth=smooth)[0]
 
+    def mouth_loss(self) -> Optional[Tensor]:
+        """The audio code's mouth read-out error on ``mouth_batch`` random train frames, or None
+        when switched off (no read-out, a zero weight, no frame with a tracked mouth)."""
+        cfg = self.config
+        if self.model.mouth_readout is None or cfg.loss.audio_mouth <= 0 or len(self.mouth_idx) == 0:
+            return None
+        idx = self.mouth_idx[mouth_batch_picks(len(self.mouth_idx), cfg.mouth_batch, self.sampler)].to(self.device)
+        codes = self.model.audio_codes(self.data.audio_features, idx, smooth=self.step >= cfg.smooth_audio_after)
+        return mouth_readout_loss(self.model.predict_mouth(codes), self.data.mouth_targets[idx])
+
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         self._set_learning_rates()
@@ -334,6 +353,11 @@ class _Trainer:
         out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.background)
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
         loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale, self.lpips_net)
+        mouth = self.mouth_loss()
+        if mouth is not None:
+            loss = loss + cfg.loss.audio_mouth * mouth
+            parts["audio_mouth"] = float(mouth.detach())
+            parts["loss"] = float(loss.detach())
         loss.backward()
         for opt in self.optimizers.values():
             opt.step()
@@ -361,6 +385,19 @@ class _Trainer:
         save_checkpoint(self.paths, self.step, self.model, self.optimizers, extra,
                         {"scene_scale": self.scene_scale, "n_face": len(self.model.face),
                          "n_mouth": len(self.model.mouth)})
+
+
+MOUTH_RUN = 8
+"""Consecutive frames per run of the mouth read-out batch: 8 neighbours share 15 encoded audio
+windows instead of 64 when smoothing over 8 frames, a quarter of the encoder's work."""
+
+
+def mouth_batch_picks(n: int, batch: int, generator: torch.Generator) -> Tensor:
+    """``batch`` positions in ``[0, n)``: runs of :data:`MOUTH_RUN` consecutive positions from
+    random starts (fewer at the end of the range, where a run is cut short)."""
+    run = min(MOUTH_RUN, n, batch)
+    starts = torch.randint(n - run + 1, (-(-batch // run),), generator=generator)  # ceil(batch / run) runs
+    return (starts[:, None] + torch.arange(run)).reshape(-1)[:batch]
 
 
 def _fit_audio_encoder(config: TrainConfig, features: dict[str, Any]) -> TrainConfig:

@@ -86,3 +86,21 @@ def test_config_round_trip_and_validation():
     assert isinstance(cfg.setup(), AudioConditioner)
     with pytest.raises(ValueError, match="window"):
         AudioEncoderConfig(window=0)
+
+
+def test_conditioner_encodes_shared_neighbours_once_with_the_same_codes():
+    """Frames whose neighbourhoods overlap share encoded windows; the codes equal encoding each
+    frame's neighbourhood on its own (the reference: gather, then encode every window)."""
+    torch.manual_seed(0)
+    cfg = AudioEncoderConfig(window=4, dim=16, code_dim=8, smooth_window=8)
+    cond = AudioConditioner(cfg)
+    feats = torch.randn(40, 4, 16)
+    idx = torch.tensor([0, 1, 2, 3, 20, 21, 39, 2])
+    windows = gather_neighbourhoods(feats, idx, 8)  # [B, S, W, D]
+    reference = cond.encoder(windows.reshape(-1, 4, 16)).reshape(len(idx), 8, -1)
+    expected, _ = cond.attention(reference)
+    calls = []
+    cond.encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    codes, _ = cond(feats, idx)
+    torch.testing.assert_close(codes, expected, rtol=1e-5, atol=1e-6)
+    assert calls == [7 + 9 + 5]  # frames 0..6, 16..24 and 35..39, each encoded once

@@ -326,3 +326,50 @@ def test_the_audio_encoder_takes_the_shape_of_the_subjects_features(small_subjec
     frames = avatar.model.render_many(batch.condition, batch.viewmats, data.K, 64, 64,
                                       torch.stack([data.frame(int(i)).background for i in batch.subject_frames]))
     assert frames.shape == (2, 64, 64, 3) and torch.isfinite(frames).all()
+
+
+def test_mouth_readout_loss_skips_frames_without_a_face_and_is_zero_without_any():
+    from avatar.train.losses import mouth_readout_loss
+
+    predicted = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[0.0, float("nan")], [3.0, 2.0]])
+    loss = mouth_readout_loss(predicted, target)
+    assert loss.item() == pytest.approx((1.0 + 0.0 + 4.0) / 3)
+    nothing = mouth_readout_loss(predicted, torch.full((2, 2), float("nan")))
+    nothing.backward()
+    assert nothing.item() == 0.0 and torch.equal(predicted.grad, torch.zeros(2, 2))
+
+
+def test_the_audio_code_learns_to_predict_the_tracked_mouth(small_subject, tmp_path):
+    """The read-out's error on the train frames falls well below the variance of the standardised
+    targets (1.0) when only the read-out loss teaches the audio path; a code that ignored the mouth
+    (or a loss that never reached the encoder) would stay near 1."""
+    from avatar.subject import read_manifest
+    from avatar.train.trainer import _fit_audio_encoder, _Trainer, make_config
+
+    _, subject = small_subject
+    config = merge(make_config("fast", tiny_train(1)), {"subject_absolute": str(subject), "mouth_batch": 128})
+    config = _fit_audio_encoder(config, read_manifest(subject).audio_features)
+    trainer = _Trainer(config, RunPaths(tmp_path / "run"), torch.device("cpu"), None)
+    trainer.setup(resume=False)
+    assert trainer.model.mouth_readout is not None and len(trainer.mouth_idx) > 20
+    opt = torch.optim.Adam([*trainer.model.audio.parameters(), *trainer.model.mouth_readout.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = trainer.mouth_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[:5]) > 0.5 and np.mean(losses[-10:]) < 0.3, (losses[:5], losses[-10:])
+
+
+@pytest.mark.parametrize("n,batch", [(100, 64), (5, 64), (100, 20), (1, 3)])
+def test_mouth_batches_are_runs_of_consecutive_frames_inside_the_range(n, batch):
+    from avatar.train.trainer import MOUTH_RUN, mouth_batch_picks
+
+    picks = mouth_batch_picks(n, batch, torch.Generator().manual_seed(0))
+    assert picks.shape == (batch,) and int(picks.min()) >= 0 and int(picks.max()) < n
+    run = min(MOUTH_RUN, n, batch)
+    steps = picks[: batch - batch % run].reshape(-1, run).diff(dim=1)
+    assert bool((steps == 1).all())
