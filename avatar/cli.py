@@ -205,7 +205,7 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
         click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
                    f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
     if m:
-        parts = [f"PSNR {m['psnr']:.2f} dB"]
+        parts = [f"PSNR {m['psnr']:.2f} dB ({m['psnr_plate']:.2f} over the plate)"]
         if m.get("psnr_head") is not None:
             parts.append(f"head PSNR {m['psnr_head']:.2f} dB")
         parts.append(f"SSIM {m['ssim']:.3f}")
@@ -221,13 +221,15 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .mp4.")
 @click.option("--pose", default="loop", show_default=True, help="loop, static, static:N or a pose .npz.")
 @click.option("--blink", default="auto", show_default=True, help="auto, none or a per-frame blink file.")
+@click.option("--background", type=click.Choice(["frame", "plate"]), default="frame", show_default=True,
+              help="What the head goes over: each subject frame's own pixels, or its torso over the background plate.")
 @click.option("--size", type=SIZE, default=None,
               help="Output resolution (even; an odd one is rounded up) [default: the training one].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Frames deformed together.")
 @SUBJECT_OPTION
 @STEP_OPTION
-def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, size: int | None,
+def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, background: str, size: int | None,
            device: str, batch: int, subject: Path | None, step: int | None) -> None:
     """Render the avatar of RUN saying new speech into an mp4."""
     from avatar.speak import RenderOptions, render_speech
@@ -235,7 +237,8 @@ def render(run_dir: Path, speech: Path, output: Path, pose: str, blink: str, siz
     progress = ConsoleProgress()
     try:
         summary = render_speech(run_dir, speech, output, RenderOptions(
-            pose=pose, blink=blink, size=size, device=device, batch=batch, subject=subject, step=step), progress)
+            pose=pose, blink=blink, background=background, size=size, device=device, batch=batch, subject=subject,
+            step=step), progress)
     finally:
         progress.close()
     click.echo(f"Wrote {summary.output}: {summary.n_frames} frames ({summary.duration_s:.1f} s) at "

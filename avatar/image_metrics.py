@@ -89,6 +89,74 @@ def psnr(pred: ImageLike, target: ImageLike, mask: Optional[ImageLike] = None, *
     return float(values.mean())
 
 
+JITTER_REFERENCE_SIZE = 512
+"""Head jitter is reported in pixels of a frame this size, as LMD is, so runs at 256 and 512 compare."""
+
+
+class TemporalStability:
+    """Flicker and jitter of a rendered sequence against the true one, over consecutive frames.
+
+    Users of the field's avatars complain most about heads that shimmer and wobble, which a
+    per-frame PSNR cannot see: a frame can be close to the truth while its neighbour is close in
+    another way. Both figures compare *changes* between consecutive frames (``t`` and ``t + 1`` of
+    the subject), so true motion cancels:
+
+    - ``temporal_psnr_head``: PSNR of ``(render[t+1] - render[t]) - (truth[t+1] - truth[t])`` over
+      the head region of either frame (higher is steadier; a render that repeats the truth's
+      motion exactly is infinite);
+    - ``head_jitter_px``: mean length of ``(c_render[t+1] - c_render[t]) - (c_true[t+1] - c_true[t])``,
+      with ``c`` the centroid of the rendered head's alpha and of the true head mask, in pixels at
+      :data:`JITTER_REFERENCE_SIZE` (how far the silhouette moves that the real head did not).
+    """
+
+    def __init__(self, resolution: int):
+        self._scale = JITTER_REFERENCE_SIZE / float(resolution)
+        self._previous: Optional[tuple] = None
+        self._sse, self._count = 0.0, 0
+        self._jitter: list[float] = []
+
+    @staticmethod
+    def _centroid(weight: Tensor) -> Optional[Tensor]:
+        total = weight.sum()
+        if float(total) <= 0:
+            return None
+        ys, xs = torch.meshgrid(torch.arange(weight.shape[0], dtype=weight.dtype),
+                                torch.arange(weight.shape[1], dtype=weight.dtype), indexing="ij")
+        return torch.stack([(weight * xs).sum(), (weight * ys).sum()]) / total
+
+    def add(self, index: int, pred: Tensor, truth: Tensor, pred_alpha: Tensor, head_mask: Tensor) -> None:
+        """Frame ``index`` of the sequence (only pairs of consecutive indices count).
+
+        Args:
+            pred, truth: float images in [0, 1]. [H, W, 3]
+            pred_alpha: the rendered head's alpha. [H, W]
+            head_mask: the true head region (bool). [H, W]
+        """
+        pred, truth = pred.detach().float().cpu(), truth.detach().float().cpu()
+        alpha, mask = pred_alpha.detach().float().cpu(), head_mask.detach().bool().cpu()
+        state = (int(index), pred, truth, mask, self._centroid(alpha), self._centroid(mask.float()))
+        if self._previous is not None and state[0] == self._previous[0] + 1:
+            _, p0, t0, m0, cp0, ct0 = self._previous
+            region = mask | m0
+            if bool(region.any()):
+                diff = ((pred - p0) - (truth - t0)).square().mean(dim=-1)[region]
+                self._sse += float(diff.sum())
+                self._count += int(diff.numel())
+            if None not in (state[4], cp0, state[5], ct0):
+                moved = (state[4] - cp0) - (state[5] - ct0)
+                self._jitter.append(float(moved.norm()) * self._scale)
+        self._previous = state
+
+    def result(self) -> dict[str, Optional[float]]:
+        """``temporal_psnr_head`` and ``head_jitter_px``; None without a consecutive pair."""
+        psnr_value = None
+        if self._count:
+            mse = self._sse / self._count
+            psnr_value = float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+        return {"temporal_psnr_head": psnr_value,
+                "head_jitter_px": float(np.mean(self._jitter)) if self._jitter else None}
+
+
 class RegionErrors:
     """Squared error pooled per label region over many frames: where a render is wrong.
 
@@ -307,4 +375,4 @@ def lpips_or_none(pred: ImageLike, target: ImageLike, *, net: str = "alex") -> O
         return float(model(x, y).mean())
 
 
-__all__ = ["dssim_loss", "lpips_network", "lpips_or_none", "psnr", "ssim"]
+__all__ = ["TemporalStability", "dssim_loss", "lpips_network", "lpips_or_none", "psnr", "ssim"]

@@ -32,8 +32,12 @@ class Frame:
     image: Tensor
     """[H, W, 3] float in [0, 1]."""
     background: Tensor
-    """[H, W, 3] what the head covers: ground-truth torso pixels, the neck plate in the head
-    region, the background plate elsewhere."""
+    """[H, W, 3] what the rendered head is composited over: the frame's own pixels, with the neck
+    plate where the original head was (feathered over a few pixels around it), so that only the
+    head is new (:func:`frame_background`)."""
+    plate_background: Tensor
+    """[H, W, 3] the same with the background plate outside the torso and head: what a frame
+    looks like when only the head and torso come from the subject (``--background plate``)."""
     head_mask: Tensor
     """[H, W, 1] float: face, mouth interior and hair labels."""
     skin_mask: Tensor
@@ -49,6 +53,32 @@ class Frame:
     """[3, 3] intrinsics at the training resolution."""
     motion: Tensor
     """[E] the face branch's non-audio condition (eye and brow tracks, head rotation)."""
+
+
+COMPOSITES = ("frame", "plate")
+"""What the rendered head goes over: the subject frame's own pixels (``frame``, the default) or
+its torso over the background plate (``plate``, what every frame looked like before)."""
+
+
+def head_feather(head: Tensor, resolution: int) -> Tensor:
+    """[H, W, 1] weight of the plate composite: 1 on the head mask, falling to 0 over the ``2 d``
+    pixels around it (``d`` = 2 px at 256, scaled with the resolution).
+
+    The segmentation's head edge is a pixel or two off where hair meets the background; a hard
+    edge would leave a rim of the original head (or a seam) around the new one.
+    """
+    d = max(1, round(2 * resolution / 256))
+    m = head.float().permute(2, 0, 1)[None]  # [1, 1, H, W]
+    grown = torch.nn.functional.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
+    soft = torch.nn.functional.avg_pool2d(grown, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
+    return soft[0].permute(1, 2, 0)  # [H, W, 1]
+
+
+def frame_background(image: Tensor, head_weight: Tensor, plate_background: Tensor) -> Tensor:
+    """The frame's own pixels where the original head was not: ``w * plate_background + (1 - w) *
+    image`` for ``w`` = :func:`head_feather`, so the head's place shows the neck plate (as over the
+    plate) and its rim fades from the plate composite into the frame. [H, W, 3]"""
+    return head_weight * plate_background + (1.0 - head_weight) * image
 
 
 def scaled_intrinsics(K: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
@@ -224,9 +254,10 @@ class SubjectData:
         for value in HEAD_LABELS:
             head |= (labels == value)[..., None]
         # Behind the head: the neck plate (gaps under a jaw read as neck, not as the wall).
-        background = torch.where(torso, image, torch.where(head, self.neck_plate, self.plate))
+        plate = torch.where(torso, image, torch.where(head, self.neck_plate, self.plate))
+        background = frame_background(image, head_feather(head, self.resolution), plate)
         return Frame(
-            index=int(index), image=image, background=background, head_mask=head.float(),
+            index=int(index), image=image, background=background, plate_background=plate, head_mask=head.float(),
             skin_mask=(labels == LABEL["face"])[..., None].float(),
             mouth_mask=(labels == LABEL["mouth_interior"])[..., None].float(),
             mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, motion=self.motion[index],

@@ -102,3 +102,31 @@ def test_inner_lip_opening_is_the_lip_gap_over_the_eye_distance_whatever_the_sca
     assert np.isnan(inner_lip_opening(np.full((478, 2), np.nan)))[0]
     with pytest.raises(ValueError, match="478"):
         inner_lip_opening(np.zeros((10, 2)))
+
+
+def test_head_feather_covers_the_head_and_fades_out_beyond_it():
+    from avatar.subject_data import head_feather
+
+    head = torch.zeros(64, 64, 1, dtype=torch.bool)
+    head[20:40, 20:40] = True
+    w = head_feather(head, 256)[..., 0]  # d = 2 px at 256
+    assert bool((w[20:40, 20:40] == 1.0).all())  # the head: the plate composite
+    assert bool((w[:16] == 0).all()) and bool((w[:, 44:] == 0).all())  # past 2 d: the frame itself
+    ring = w[16:44, 16:44]
+    assert bool(((ring > 0) & (ring < 1)).any()) and float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+
+
+def test_the_frame_composite_is_the_frame_itself_away_from_the_head(small_subject):
+    from avatar.subject_data import head_feather
+
+    _, subject = small_subject
+    data = SubjectData(subject, 128, MOTION_FEATURES)
+    frame = data.frame(int(data.split("val")[0]))
+    head = frame.head_mask > 0.5
+    w = head_feather(head, 128)
+    far = (w == 0).expand_as(frame.image)
+    assert bool(far.any()) and torch.equal(frame.background[far], frame.image[far])
+    on_head = head.expand_as(frame.image)
+    torch.testing.assert_close(frame.background[on_head], frame.plate_background[on_head])
+    # Over the plate, the background region is the plate, not the frame.
+    assert not torch.equal(frame.plate_background[far], frame.image[far])

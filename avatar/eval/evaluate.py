@@ -1,11 +1,15 @@
 """Evaluation of a trained head on a split of its subject (by default the never-trained val split).
 
 Each frame is re-rendered with its true audio, eye tracks, camera and torso, and compared with
-the ground truth: PSNR of the whole frame and of the head region, SSIM, LPIPS where its weights
+the ground truth: PSNR of the whole frame (``psnr``: the head composited into the frame's own
+pixels, the default of ``avatar render``; ``psnr_plate``: over the torso and background plate,
+the only composite before) and of the head region, SSIM, LPIPS where its weights
 load, mouth-landmark distance (mediapipe on both images) and the correlation of the rendered and
 true inner-lip opening over the split. ``region_psnr`` and ``region_error_share`` break the
 squared error down by the subject's label regions (background, torso, face, mouth, hair): where
-the render is wrong, not only how much.
+the render is wrong, not only how much. ``temporal_psnr_head`` and ``head_jitter_px``
+(:class:`avatar.image_metrics.TemporalStability`) measure flicker and wobble between consecutive
+frames.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from avatar.atomic import check_output_dir, clean_stale, clean_stale_scratch, re
 from avatar.errors import InputError, OutputExistsError
 from avatar.eval.drive import DrivingVideo, drive_metrics, load_driving_video
 from avatar.eval.landmarks import MouthTracker, inner_lip_opening, lmd, mouth_correlation
-from avatar.image_metrics import RegionErrors, lpips_or_none, psnr, ssim
+from avatar.image_metrics import RegionErrors, TemporalStability, lpips_or_none, psnr, ssim
 from avatar.models import AvatarModel, FrameCondition
 from avatar.progress import Progress, track
 from avatar.run import LoadedAvatar, RunPaths, load_avatar, read_config, resolve_device
@@ -37,18 +41,28 @@ from avatar.subject_data import SubjectData
 log = logging.getLogger(__name__)
 
 
+def _u8(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
 @torch.no_grad()
 def render_split(model: AvatarModel, data: SubjectData, indices: np.ndarray, progress: Optional[Progress] = None,
                  step_name: str = "evaluate"):
-    """Yield (index, rendered uint8 [H, W, 3], frame) for each index, rendering with its true condition."""
+    """Yield (index, rendered uint8 [H, W, 3] over the frame's own pixels, the same over the plate,
+    the head's alpha [H, W], frame) for each index, rendering with its true condition.
+
+    The head is rendered once, over nothing, and composited over both backgrounds
+    (:data:`avatar.subject_data.COMPOSITES`): ``rgb`` over black is the head premultiplied by its alpha.
+    """
     r = data.resolution
     driver = SpeechDriver(model, data)
     for i in track(indices, step_name, len(indices), progress):
         frame = data.frame(int(i))
         cond = driver.subject_condition([int(i)])
-        out = model.render(FrameCondition(cond.audio[0], cond.motion[0]), frame.viewmat, frame.K, r, r,
-                           frame.background)
-        yield int(i), (out["rgb"].clamp(0, 1) * 255).round().byte().cpu().numpy(), frame
+        out = model.render(FrameCondition(cond.audio[0], cond.motion[0]), frame.viewmat, frame.K, r, r, None)
+        head, alpha = out["rgb"], out["head_alpha"]
+        yield (int(i), _u8(head + (1 - alpha) * frame.background), _u8(head + (1 - alpha) * frame.plate_background),
+               alpha[..., 0], frame)
 
 
 def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", progress: Optional[Progress] = None,
@@ -61,8 +75,9 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
     if len(indices) == 0:
         raise ValueError(f"the {split} split has no tracked frames")
     model.eval()
-    psnrs, head_psnrs, ssims, lpipses = [], [], [], []
+    psnrs, plate_psnrs, head_psnrs, ssims, lpipses = [], [], [], [], []
     regions = RegionErrors(MASK_LEGEND)
+    temporal = TemporalStability(data.resolution)
     start = time.perf_counter()
     render_seconds = 0.0
     with contextlib.ExitStack() as stack:
@@ -71,15 +86,17 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
         pred_track = stack.enter_context(MouthTracker().session()) if landmarks else None
         gt_track = stack.enter_context(MouthTracker().session()) if landmarks else None
         t0 = time.perf_counter()
-        for _, pred_u8, frame in render_split(model, data, indices, progress):
+        for index, pred_u8, plate_u8, head_alpha, frame in render_split(model, data, indices, progress):
             render_seconds += time.perf_counter() - t0
             pred = torch.from_numpy(pred_u8).float() / 255.0
             gt = frame.image.cpu()
             gt_u8 = (gt * 255).round().byte().numpy()
             psnrs.append(psnr(pred, gt))
+            plate_psnrs.append(psnr(torch.from_numpy(plate_u8).float() / 255.0, gt))
             head = frame.head_mask[..., 0].cpu() > 0.5
             if head.any():
                 head_psnrs.append(psnr(pred, gt, mask=head))
+            temporal.add(index, pred, gt, head_alpha, head)
             ssims.append(ssim(pred, gt))
             regions.add(pred, gt, np.asarray(data.masks[frame.index]))
             lp = lpips_or_none(pred, gt)
@@ -96,6 +113,7 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
     metrics: dict[str, Any] = {
         "split": split,
         "psnr": float(np.mean(psnrs)),
+        "psnr_plate": float(np.mean(plate_psnrs)),
         "psnr_head": float(np.mean(head_psnrs)) if head_psnrs else None,
         "ssim": float(np.mean(ssims)),
         "lpips": float(np.mean(lpipses)) if lpipses else None,
@@ -105,6 +123,7 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
         "render_fps": round(len(indices) / max(render_seconds, 1e-9), 2),
         "resolution": int(data.resolution),
         "device": str(data.device),
+        **temporal.result(),
         "region_psnr": regions.psnr(),
         "region_error_share": {k: round(v, 4) for k, v in regions.share().items()},
     }

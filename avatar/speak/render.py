@@ -28,7 +28,7 @@ from avatar.progress import Progress, null_progress, report_status
 from avatar.run import RunPaths, load_avatar, resolve_device
 from avatar.speak.driver import DriveOptions, DrivePlan, SpeechDriver, SpeechSource, WavSpeech
 from avatar.subject import SubjectPaths
-from avatar.subject_data import SubjectData
+from avatar.subject_data import COMPOSITES, SubjectData
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class RenderOptions:
     """Frames per audio-feature block (bounds memory for long speech)."""
     seed: int = 0
     """Seed of the automatic blink timing."""
+    background: str = "frame"
+    """What the head goes over: ``frame`` (each subject frame's own pixels, the original head
+    replaced) or ``plate`` (its torso over the background plate); see
+    :data:`avatar.subject_data.COMPOSITES`."""
     device: str = "auto"
     crf: int = 18
     subject: Optional[Path] = None
@@ -117,14 +121,19 @@ def _check_inputs(run_dir: Path, speech: Path, output: Path, options: RenderOpti
 
 @torch.no_grad()
 def rendered_batches(driver: SpeechDriver, speech: SpeechSource, plan: DrivePlan, batch: int = 8,
-                     block: int = 256) -> Iterator[tuple[np.ndarray, float]]:
+                     block: int = 256, background: str = "frame") -> Iterator[tuple[np.ndarray, float]]:
     """The avatar saying ``speech`` as planned: uint8 frames [B, S, S, 3] at the driver's subject
     resolution, batch after batch, each with the seconds its deformation and rasterization took
-    (the audio codes' time is not counted: that is the render speed people compare)."""
+    (the audio codes' time is not counted: that is the render speed people compare).
+
+    ``background``: ``frame`` or ``plate`` (:data:`avatar.subject_data.COMPOSITES`)."""
+    if background not in COMPOSITES:
+        raise ValueError(f"background must be one of {', '.join(COMPOSITES)}, got {background!r}")
     data, model, size = driver.data, driver.model, driver.data.resolution
     for driven in driver.frames(speech, DriveOptions(block=block), batch, plan):
         t0 = time.perf_counter()
-        backgrounds = torch.stack([data.frame(int(i)).background for i in driven.subject_frames])
+        frames_of = [data.frame(int(i)) for i in driven.subject_frames]
+        backgrounds = torch.stack([f.background if background == "frame" else f.plate_background for f in frames_of])
         frames = model.render_many(driven.condition, driven.viewmats, data.K, size, size, backgrounds)
         images = (frames.clamp(0, 1) * 255).round().byte().cpu().numpy()
         yield images, time.perf_counter() - t0
@@ -145,6 +154,8 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
         raise InputError(f"{output} should end in .mp4.")
     if options.batch < 1:
         raise InputError(f"--batch must be at least 1, got {options.batch}.")
+    if options.background not in COMPOSITES:
+        raise InputError(f"--background must be one of {', '.join(COMPOSITES)}, got {options.background!r}.")
     check_size(options.size)
     avatar = load_avatar(run_dir, options.device, step=options.step, subject=options.subject)
     _check_inputs(Path(run_dir), speech, output, options, avatar.subject_dir)
@@ -167,7 +178,8 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
         rendered = 0
         render_seconds = 0.0
         with media.VideoWriter(output, fps=driver.fps, audio=speech, crf=options.crf) as writer:
-            for images, seconds in rendered_batches(driver, WavSpeech(wav), plan, options.batch, options.block):
+            for images, seconds in rendered_batches(driver, WavSpeech(wav), plan, options.batch, options.block,
+                                                    options.background):
                 render_seconds += seconds
                 for image in images:
                     writer.write(image)

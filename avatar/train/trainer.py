@@ -350,7 +350,8 @@ class _Trainer:
         pick = int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))
         frame = self.data.frame(int(self.train_idx[pick]))
         cond = self.condition(frame.index, frame)
-        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.background)
+        # Over the plate, as every run so far was trained (the frame composite is measured at eval).
+        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.plate_background)
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
         loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale, self.lpips_net)
         mouth = self.mouth_loss()

@@ -22,7 +22,7 @@ def test_eval_writes_json_and_video(tiny_run, tmp_path):
     result = _invoke("eval", tiny_run, "--json", js, "--video", video)
     assert result.exit_code == 0, result.output
     metrics = json.loads(js.read_text())
-    for key in ("psnr", "psnr_head", "ssim", "lpips", "lmd", "mouth_corr", "n_frames", "render_fps",
+    for key in ("psnr", "psnr_plate", "psnr_head", "ssim", "lpips", "lmd", "mouth_corr", "n_frames", "render_fps",
                 "resolution", "device"):
         assert key in metrics
     # An empty head scores psnr 17.7 / psnr_head 11.2 on this fixture, the 6-step run 22.9 / 19.4.
@@ -54,3 +54,6 @@ def test_eval_scores_a_trained_head_above_an_empty_one(tiny_run):
     assert trained["psnr_head"] > empty["psnr_head"] + 5.0, (trained, empty)
     assert trained["region_psnr"]["face"] > empty["region_psnr"]["face"] + 5.0
     assert trained["psnr"] > empty["psnr"] + 2.0
+    # Outside the head the frame composite is the frame itself, and on its rim a mix of the frame
+    # and the plate composite: never further from the truth than the plate composite alone.
+    assert empty["psnr"] >= empty["psnr_plate"], empty

@@ -271,3 +271,34 @@ def test_region_errors_pool_per_label_and_share_the_total() -> None:
     assert exact.psnr() == {"background": math.inf} and exact.share() == {"background": 0.0}
     with pytest.raises(ValueError, match="labels must be"):
         errors.add(pred, gt, labels[:2])
+
+
+def test_temporal_stability_sees_flicker_and_wobble_but_not_true_motion():
+    import torch
+
+    from avatar.image_metrics import TemporalStability
+
+    def square(x: int) -> torch.Tensor:
+        mask = torch.zeros(32, 32, dtype=torch.bool)
+        mask[8:20, x:x + 12] = True
+        return mask
+
+    truth = [torch.rand(32, 32, 3) for _ in range(4)]
+    steady = TemporalStability(256)
+    for i, t in enumerate(truth):  # the render moves exactly as the truth does (the head slides right)
+        steady.add(i, t.clone(), t, square(4 + i).float(), square(4 + i))
+    assert steady.result() == {"temporal_psnr_head": float("inf"), "head_jitter_px": 0.0}
+
+    shaky = TemporalStability(256)
+    for i, t in enumerate(truth):
+        flicker = torch.where(square(4)[..., None], 0.1 * (-1) ** i, 0.0)
+        shaky.add(i, (t + flicker), t, square(4 + 2 * (i % 2)).float(), square(4))
+    result = shaky.result()
+    # The head flickers by +-0.1 (a 0.2 jump between frames, over 144 of the 144 head pixels).
+    assert result["temporal_psnr_head"] == pytest.approx(10 * np.log10(1 / 0.04), abs=0.01)
+    assert result["head_jitter_px"] == pytest.approx(2.0 * 512 / 256)  # 2 px wobble at 256 -> 4 px at 512
+
+    apart = TemporalStability(256)
+    for i in (0, 2, 4):  # no two frames are neighbours: nothing to compare
+        apart.add(i, truth[0], truth[1], square(4).float(), square(4))
+    assert apart.result() == {"temporal_psnr_head": None, "head_jitter_px": None}

@@ -41,6 +41,14 @@ def test_render_pose_and_blink_options(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     bad = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "p.mp4", "--pose", tmp_path / "nope.npz")
     assert bad.exit_code == 1 and "--pose" in bad.output
+    plate = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "plate.mp4", "--pose", "static",
+                    "--blink", "none", "--background", "plate")
+    assert plate.exit_code == 0, plate.output
+    over_frame = np.stack(list(media.iter_frames(tmp_path / "static.mp4"))).astype(float)
+    over_plate = np.stack(list(media.iter_frames(tmp_path / "plate.mp4"))).astype(float)
+    assert over_frame.shape == over_plate.shape and np.abs(over_frame - over_plate).mean() > 0.1
+    wrong = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "w.mp4", "--background", "wall")
+    assert wrong.exit_code == 2 and "--background" in wrong.output
 
 
 @pytest.mark.parametrize("case", ["silent", "empty", "missing_dir", "corrupt", "bad_run"])
