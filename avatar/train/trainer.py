@@ -52,7 +52,7 @@ from avatar.run import (
     write_config,
 )
 from avatar.subject import SubjectPaths, read_manifest
-from avatar.subject_data import HEAD_LABELS, Frame, SubjectData
+from avatar.subject_data import COMPOSITES, HEAD_LABELS, Frame, SubjectData
 from avatar.train.losses import LossWeights, compute_loss, mouth_readout_loss
 from avatar.train.ops import make_optimizer
 from avatar.train.strategy import DensifyStrategy
@@ -103,6 +103,10 @@ class TrainConfig(Config):
     checkpoint_minutes: float = 2.0
     """Also checkpoint after this many minutes of training since the last checkpoint (0: off)."""
     preview_every: int = 500
+    background: str = "plate"
+    """What the rendered head is composited over in training: ``plate`` (the frame's torso over the
+    background plate) or ``frame`` (the frame's own pixels around the original head, as ``avatar
+    render`` composites by default); see :data:`avatar.subject_data.COMPOSITES`."""
     mouth_batch: int = 64
     """Train frames per step on which the audio code's mouth read-out is taught (``loss.audio_mouth``),
     in runs of :data:`MOUTH_RUN` consecutive frames: cheap (no rendering, and neighbours share the
@@ -139,6 +143,8 @@ def check_config(config: TrainConfig) -> None:
             raise AvatarError(f"{name} must be a whole number of at least 1, got {value!r}.")
     if isinstance(config.resolution, bool) or not isinstance(config.resolution, int) or config.resolution < 16:
         raise AvatarError(f"resolution must be a whole number of at least 16 pixels, got {config.resolution!r}.")
+    if config.background not in COMPOSITES:
+        raise AvatarError(f"background must be one of {', '.join(COMPOSITES)}, got {config.background!r}.")
     minutes = config.checkpoint_minutes
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 <= minutes < math.inf:
         raise AvatarError(f"checkpoint_minutes must be a number of minutes >= 0 (0: off), got {minutes!r}.")
@@ -350,8 +356,8 @@ class _Trainer:
         pick = int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))
         frame = self.data.frame(int(self.train_idx[pick]))
         cond = self.condition(frame.index, frame)
-        # Over the plate, as every run so far was trained (the frame composite is measured at eval).
-        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, frame.plate_background)
+        background = frame.background if cfg.background == "frame" else frame.plate_background
+        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, background)
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
         loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale, self.lpips_net)
         mouth = self.mouth_loss()

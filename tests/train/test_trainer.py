@@ -72,6 +72,7 @@ def test_mouth_set_has_its_own_cap(small_subject, tmp_path):
 def _loss_frame(skin: torch.Tensor, inside: torch.Tensor) -> Frame:
     h, w = skin.shape[:2]
     return Frame(index=0, image=torch.full((h, w, 3), 0.5), background=torch.zeros(h, w, 3),
+                 plate_background=torch.zeros(h, w, 3),
                  head_mask=skin + inside, skin_mask=skin, mouth_mask=inside, mouth_box=(0, 0, 0, 0),
                  viewmat=torch.eye(4), K=torch.eye(3), motion=torch.zeros(4))
 
@@ -274,7 +275,8 @@ def test_train_refuses_numbers_that_train_nothing(small_subject, tmp_path, args)
     result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "run"), *args])
     assert result.exit_code == 2 and "--iters" in result.output, result.output
     assert not (tmp_path / "run").exists()
-    for bad in ("iterations=-5", "checkpoint_every=0", "log_every=0", "resolution=-8", "checkpoint_minutes=-1"):
+    for bad in ("iterations=-5", "checkpoint_every=0", "log_every=0", "resolution=-8", "checkpoint_minutes=-1",
+                "mouth_batch=0", "background=wall"):
         result = CliRunner().invoke(main, ["train", str(subject), "-o", str(tmp_path / "run"), "--set", bad])
         assert result.exit_code == 1 and bad.split("=")[0] in result.output, result.output
         assert not (tmp_path / "run").exists()
