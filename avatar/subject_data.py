@@ -32,9 +32,9 @@ class Frame:
     image: Tensor
     """[H, W, 3] float in [0, 1]."""
     background: Tensor
-    """[H, W, 3] what the rendered head is composited over: the frame's own pixels, with the neck
-    plate where the original head was (feathered over a few pixels around it), so that only the
-    head is new (:func:`frame_background`)."""
+    """[H, W, 3] what the rendered head is composited over: the frame's own pixels, with the plate
+    composite (neck plate) where the original head was, feathered over a few pixels around it, so
+    that only the head is new (:func:`frame_background`)."""
     plate_background: Tensor
     """[H, W, 3] the same with the background plate outside the torso and head: what a frame
     looks like when only the head and torso come from the subject (``--background plate``)."""
@@ -53,6 +53,18 @@ class Frame:
     """[3, 3] intrinsics at the training resolution."""
     motion: Tensor
     """[E] the face branch's non-audio condition (eye and brow tracks, head rotation)."""
+
+    def over(self, composite: str) -> Tensor:
+        """The background of ``composite`` (one of :data:`COMPOSITES`). [H, W, 3]
+
+        Raises:
+            ValueError: an unknown composite.
+        """
+        if composite == "frame":
+            return self.background
+        if composite == "plate":
+            return self.plate_background
+        raise ValueError(f"background must be one of {', '.join(COMPOSITES)}, got {composite!r}")
 
 
 COMPOSITES = ("frame", "plate")

@@ -127,13 +127,10 @@ def rendered_batches(driver: SpeechDriver, speech: SpeechSource, plan: DrivePlan
     (the audio codes' time is not counted: that is the render speed people compare).
 
     ``background``: ``frame`` or ``plate`` (:data:`avatar.subject_data.COMPOSITES`)."""
-    if background not in COMPOSITES:
-        raise ValueError(f"background must be one of {', '.join(COMPOSITES)}, got {background!r}")
     data, model, size = driver.data, driver.model, driver.data.resolution
     for driven in driver.frames(speech, DriveOptions(block=block), batch, plan):
         t0 = time.perf_counter()
-        frames_of = [data.frame(int(i)) for i in driven.subject_frames]
-        backgrounds = torch.stack([f.background if background == "frame" else f.plate_background for f in frames_of])
+        backgrounds = torch.stack([data.frame(int(i)).over(background) for i in driven.subject_frames])
         frames = model.render_many(driven.condition, driven.viewmats, data.K, size, size, backgrounds)
         images = (frames.clamp(0, 1) * 255).round().byte().cpu().numpy()
         yield images, time.perf_counter() - t0

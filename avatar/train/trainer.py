@@ -341,7 +341,8 @@ class _Trainer:
         return self.model.conditions(self.data.audio_features, idx, frame.motion[None], smooth=smooth)[0]
 
     def mouth_loss(self) -> Optional[Tensor]:
-        """The audio code's mouth read-out error on ``mouth_batch`` random train frames, or None
+        """The audio code's mouth read-out error on ``mouth_batch`` train frames (runs of consecutive
+        frames from random starts, :func:`mouth_batch_picks`), or None
         when switched off (no read-out, a zero weight, no frame with a tracked mouth)."""
         cfg = self.config
         if self.model.mouth_readout is None or cfg.loss.audio_mouth <= 0 or len(self.mouth_idx) == 0:
@@ -356,8 +357,8 @@ class _Trainer:
         pick = int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))
         frame = self.data.frame(int(self.train_idx[pick]))
         cond = self.condition(frame.index, frame)
-        background = frame.background if cfg.background == "frame" else frame.plate_background
-        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution, background)
+        out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution,
+                                frame.over(cfg.background))
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
         loss, parts = compute_loss(out, frame, cfg.loss, scales, self.scene_scale, self.lpips_net)
         mouth = self.mouth_loss()
