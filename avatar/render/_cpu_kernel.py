@@ -9,9 +9,7 @@ benchmarks/RESULTS.md), and much less disturbed by other processes.
 Why ctypes and not ``torch.utils.cpp_extension``: ``csrc/rasterize_cpu.cpp`` uses no torch
 headers, so it compiles with a plain ``c++ -O3 -shared`` in a second or two (torch's extension
 headers take far longer), needs no ``ninja`` and cannot break on a torch ABI
-change. The shared library is cached under ``$AVATAR_CACHE_DIR`` (default
-``~/.cache/avatar``)/kernels, keyed by the hash of the source, flags and compiler, written under
-a temporary name and renamed, so concurrent first uses are safe.
+change. Building and caching are :mod:`avatar.render._build`'s.
 
 When no compiler is available or compilation fails, :func:`available` returns False and
 ``rasterize(backend="auto")`` uses the pure-PyTorch backend instead.
@@ -21,43 +19,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from avatar.render._build import cpu_kernel
+
 _SOURCE = Path(__file__).with_name("csrc") / "rasterize_cpu.cpp"
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 _ABI_VERSION = 1
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("AVATAR_CACHE_DIR") or Path.home() / ".cache" / "avatar"
-    return Path(root) / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _compiler_id(cxx: str) -> str:
-    """The compiler's version line, part of the cache key."""
-    try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.splitlines()[0] if out.stdout else cxx
-    except (OSError, subprocess.SubprocessError):
-        return cxx
 
 
 @functools.cache
@@ -66,48 +37,9 @@ def _load_library() -> ctypes.CDLL | None:
 
     Memoised: the compile attempt, successful or not, happens at most once per process.
     """
-    cxx = _compiler()
-    if cxx is None:
-        warnings.warn(
-            "no C++ compiler found (set CXX or install g++); the CPU rasterizer falls back to "
-            "the slower pure-PyTorch backend",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-        return None
-    try:
-        source = _SOURCE.read_bytes()  # missing if package data was not installed
-        key = hashlib.sha256(
-            source + " ".join(_FLAGS).encode() + _compiler_id(cxx).encode()
-            + platform.machine().encode()
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"avatar_rasterize_cpu_{key}.so"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            try:
-                proc = subprocess.run(
-                    [cxx, *_FLAGS, str(_SOURCE), "-o", tmp],
-                    capture_output=True, text=True, timeout=300,
-                )
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip()[-2000:] or f"{cxx} failed")
-                os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache needs r-x
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        lib = ctypes.CDLL(str(target))
-        if lib.avatar_rasterize_abi_version() != _ABI_VERSION:
-            raise RuntimeError(f"{target} has an unexpected ABI version")
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(
-            f"could not build the C++ CPU rasterizer ({err}); falling back to the slower "
-            "pure-PyTorch backend",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+    lib = cpu_kernel("avatar_rasterize_cpu", _SOURCE, "avatar_rasterize_abi_version", _ABI_VERSION,
+                     "the Gaussian rasterizer")
+    if lib is None:
         return None
     ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in _DTYPES.values():
