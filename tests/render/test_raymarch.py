@@ -5,7 +5,10 @@ and its gradients to float tolerance)."""
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from avatar.render.raymarch import RaySamples, composite_rays, composite_weights
 AABB = torch.tensor([-1.0, -0.8, -0.6, 1.0, 0.8, 0.6])
 HAS_CPP = _raymarch_kernels.cpu_available(torch.float64)
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the C++ ray marching kernel does not build here")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 
 
@@ -348,3 +352,42 @@ def test_cuda_on_cpu_tensors_warns_and_uses_torch(monkeypatch: pytest.MonkeyPatc
     ref = composite_rays(sigmas, rgbs, deltas, ts, offsets, implementation="torch")
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert raymarch._choose("auto", sigmas.half(), "x") == "torch"
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_source_compiles_standalone(tmp_path: Path) -> None:
+    source = Path(__file__).resolve().parents[2] / "cuda_ext" / "raymarch.cu"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-c", str(source), "-I", str(source.parent),
+                           "-o", str(tmp_path / "raymarch.o")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_march_cuda_equals_torch(dtype: torch.dtype) -> None:
+    assert _raymarch_kernels.cuda_available(dtype)
+    origins, dirs = _rays(500, dtype)
+    near, far = ray_aabb(origins, dirs, AABB)
+    args = [t.cuda() for t in (origins, dirs, near, far, _occupancy(), AABB.to(dtype))]
+    for max_samples in (0, 5, 4096):
+        a = march_rays(*args, 0.013, max_samples, implementation="torch")
+        b = march_rays(*args, 0.013, max_samples, implementation="cuda")
+        _assert_same_samples(a, b)
+        _assert_same_samples(a, march_rays(*(t.cpu() for t in args), 0.013, max_samples, implementation="torch"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_composite_cuda_equals_torch(dtype: torch.dtype, channels: int) -> None:
+    counts = _random_counts(300, 40)
+    packed = [t.cuda() for t in _packed(counts, channels, dtype, sigma_scale=40.0)]
+    packed[0][int(packed[4][7]) + 2] = 1e8
+    ref_out, ref_grads = _composite_and_grads("torch", *packed)
+    out, grads = _composite_and_grads("cuda", *packed)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        assert a.is_cuda and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL[dtype])
