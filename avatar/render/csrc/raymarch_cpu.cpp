@@ -70,11 +70,13 @@ struct Grid {
     step = params[6];
   }
 
+  // clamp(floor(u), 0, G - 1) without a floor: truncation is floor for u in [0, G), and the other
+  // cases are the clamps (std::floor is a libm call on baseline x86-64, without SSE4.1's roundss).
   int64_t cell(T p, int a) const {
-    T f = std::floor((p - lo[a]) * scale[a]);
-    if (!(f >= T(0))) f = T(0);  // also NaN
-    if (f > T(dims[a] - 1)) f = T(dims[a] - 1);
-    return static_cast<int64_t>(f);
+    const T u = (p - lo[a]) * scale[a];
+    if (!(u >= T(0))) return 0;  // also NaN
+    if (u >= T(dims[a])) return dims[a] - 1;
+    return static_cast<int64_t>(u);
   }
 };
 
