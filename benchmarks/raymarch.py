@@ -3,11 +3,13 @@
     python benchmarks/raymarch.py [--reps 7] [--rays 16384] [--grid 64]
 
 The scene stands in for one training batch of an instant-NGP head: ``--rays`` random pixels of a
-256x256 crop seen by a pinhole camera 3.5 units in front of the centre of the [-1, 1]^3 box, framed so
-that the head fills most of the crop (about half of the rays hit it); the occupancy grid (``--grid``^3) is set inside a head-sized ellipsoid (about 15 % of the
-cells); the step is chosen so that rays that hit the head get about 64 samples on average
-(``max_samples`` 1024). Densities rise from 0 at the ellipsoid's surface to 400 at its centre, so
-most rays that hit the head stop early (stop transmittance 1e-4); colours have 3 channels.
+256x256 crop seen by a pinhole camera 3.5 units in front of the centre of the [-1, 1]^3 box,
+framed so that the head fills most of the crop (about half of the rays hit it). The occupancy
+grid (``--grid``^3) is set inside a head-sized ellipsoid (about 15 % of the cells); the step is
+chosen so that rays that hit the head get about 64 samples on average (``max_samples`` 1024).
+Densities rise from 0 at the ellipsoid's surface to 400 at its centre, so most rays that hit the
+head stop early (stop transmittance 1e-4); colours have 3 channels. The figures are printed for
+all torch threads and for one thread.
 
 "march" is :func:`march_rays`; "composite_forward" is :func:`composite_rays` under
 ``torch.no_grad()``; "composite_forward_backward" is :func:`composite_rays` plus ``backward`` of a

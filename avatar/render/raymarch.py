@@ -166,7 +166,7 @@ def march_rays(
         raise ValueError(f"aabb must be [6] (xmin, ymin, zmin, xmax, ymax, zmax), got {tuple(aabb.shape)}")
     if not origins.is_floating_point():
         raise ValueError(f"origins must be floating point, got {origins.dtype}")
-    for name, t in (("dirs", dirs), ("near", near), ("far", far), ("occupancy", occupancy), ("aabb", aabb)):
+    for name, t in (("dirs", dirs), ("near", near), ("far", far), ("occupancy", occupancy)):
         if t.device != origins.device:
             raise ValueError(f"{name} is on {t.device}, origins on {origins.device}: all must be on one device")
     if not step > 0:
@@ -178,7 +178,7 @@ def march_rays(
     origins, occupancy = origins.contiguous(), occupancy.contiguous()
     if not (torch.isfinite(near).all() and torch.isfinite(far).all()):
         raise ValueError("near and far must be finite (ray_aabb gives finite ones)")
-    params = _grid_params(aabb.to(dtype), occupancy.shape, step)
+    params = _grid_params(aabb.to(origins), occupancy.shape, step)  # aabb may live anywhere
 
     chosen = _choose(implementation, origins, "march_rays")
     with torch.no_grad():
