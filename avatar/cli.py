@@ -162,8 +162,8 @@ def preprocess(video: Path, out_dir: Path, audio: Path | None, size: int, fps: f
 @click.argument("subject", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
               help="Run directory to write (checkpoints, logs, previews, metrics).")
-@click.option("--model", type=click.Choice(["gaussian"]), default="gaussian", show_default=True,
-              help="Avatar model.")
+@click.option("--model", type=click.Choice(["gaussian", "ngp"]), default="gaussian", show_default=True,
+              help="Avatar kind: gaussian (3D Gaussians, fast to render) or ngp (a radiance field on hash grids).")
 @click.option("--preset", type=click.Choice(["fast", "default", "best"]), default="fast", show_default=True,
               help="fast: CPU, 256 px, minutes. default/best: GPU, 512 px.")
 @click.option("--iters", type=click.IntRange(min=1), default=None, help="Training iterations (overrides the preset).")
@@ -194,7 +194,7 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
     progress = ConsoleProgress()
     try:
         result = run_train(subject, run_dir, preset=preset, overrides=overrides or None, device=device,
-                           resume=resume, progress=progress, force=force)
+                           resume=resume, progress=progress, force=force, model=model)
         m = None if no_eval else evaluate_run(run_dir, "val", RunPaths(run_dir).metrics, device=device,
                                                progress=progress, extra={**result.summary(), "preset": preset})
     finally:
@@ -202,7 +202,8 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
     if result.steps == result.start_step:
         click.echo(f"{result.run_dir} is already trained to step {result.steps}; raise --iters to train it further.")
     else:
-        click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {result.n_gaussians} Gaussians, "
+        size = "" if result.n_gaussians is None else f"{result.n_gaussians} Gaussians, "
+        click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {size}"
                    f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
     if m:
         parts = [f"PSNR {m['psnr']:.2f} dB ({m['psnr_plate']:.2f} over the plate)"]

@@ -59,12 +59,52 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_overrides(name: str) -> dict[str, Any]:
-    """A copy of the preset's overrides.
+NGP_PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "resolution": 256,
+        "iterations": 3000,
+        "smooth_audio_after": 1000,
+        "checkpoint_every": 1000,
+        "preview_every": 500,
+        "rays": 4096,
+    },
+    "default": {
+        "resolution": 512,
+        "iterations": 30000,
+        "smooth_audio_after": 8000,
+        "checkpoint_every": 5000,
+        "preview_every": 2000,
+        "rays": 16384,
+        "patch": 64,
+        "model": {"grid_resolution": 128, "steps_per_box": 384, "view_dependent": True,
+                  "face_encoding": {"n_levels": 12, "max_resolution": 1024, "log2_hashmap_size": 17}},
+    },
+    "best": {
+        "resolution": 512,
+        "iterations": 60000,
+        "smooth_audio_after": 12000,
+        "checkpoint_every": 5000,
+        "preview_every": 5000,
+        "rays": 32768,
+        "patch": 64,
+        "model": {"grid_resolution": 128, "steps_per_box": 512, "view_dependent": True, "hidden": 128,
+                  "face_encoding": {"n_levels": 16, "max_resolution": 2048, "log2_hashmap_size": 19}},
+    },
+}
+"""The NGP kind's presets (``--model ngp``), overrides of :class:`avatar.train.ngp_trainer.NGPTrainConfig`."""
+
+PRESETS_OF_KIND = {"gaussian": PRESETS, "ngp": NGP_PRESETS}
+
+
+def preset_overrides(name: str, kind: str = "gaussian") -> dict[str, Any]:
+    """A copy of the preset's overrides for a model kind.
 
     Raises:
-        ValueError: unknown preset name (the message lists the valid ones).
+        ValueError: unknown preset or kind name (the message lists the valid ones).
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+    if kind not in PRESETS_OF_KIND:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(PRESETS_OF_KIND)}")
+    presets = PRESETS_OF_KIND[kind]
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return copy.deepcopy(presets[name])

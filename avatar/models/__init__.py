@@ -23,15 +23,18 @@ from avatar.models.deformation import (
 )
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
 from avatar.models.interface import AvatarModel, FrameCondition
+from avatar.models.ngp import NGPHead, NGPHeadConfig
 from avatar.models.talking_head import TalkingHead, TalkingHeadConfig
 
-MODEL_KINDS: dict[str, tuple[type, type]] = {"gaussian": (TalkingHeadConfig, TalkingHead)}
+MODEL_KINDS: dict[str, tuple[type, type]] = {"gaussian": (TalkingHeadConfig, TalkingHead), "ngp": (NGPHeadConfig, NGPHead)}
 """Each avatar kind's (config class, model class). The model class has
 ``from_state_dict(config, tensors)`` and implements :class:`AvatarModel`."""
 
 __all__ = [
     "MODEL_KINDS",
     "AudioAttention",
+    "NGPHead",
+    "NGPHeadConfig",
     "AvatarModel",
     "FrameCondition",
     "TalkingHead",

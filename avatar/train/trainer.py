@@ -34,15 +34,13 @@ from avatar.atomic import atomic_output, check_writable_dir, clean_stale, refuse
 from avatar.configs import Config, merge, preset_overrides
 from avatar.errors import AvatarError, OutputExistsError
 from avatar.image_metrics import lpips_network
-from avatar.models import FrameCondition, TalkingHead, TalkingHeadConfig
-from avatar.models.gaussians import init_head
+from avatar.models import TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
 from avatar.run import (
-    RUN_FORMAT_VERSION,
     RunPaths,
     discard_checkpoints_after,
-    find_subject,
     load_checkpoint,
+    model_kind_of,
     model_state,
     optimizer_state,
     read_config,
@@ -52,8 +50,11 @@ from avatar.run import (
     write_config,
 )
 from avatar.subject import SubjectPaths, read_manifest
-from avatar.subject_data import COMPOSITES, HEAD_LABELS, Frame, SubjectData
-from avatar.train.losses import LossWeights, compute_loss, mouth_readout_loss
+from avatar.subject_data import COMPOSITES, SubjectData
+from avatar.train.base import TrainerBase, initial_head
+from avatar.train.config import BaseTrainConfig
+from avatar.train.losses import LossWeights, compute_loss
+from avatar.train.ngp_trainer import NGPTrainConfig, NGPTrainer
 from avatar.train.ops import make_optimizer
 from avatar.train.strategy import DensifyStrategy
 
@@ -79,39 +80,9 @@ class LearningRates(Config):
 
 
 @dataclass
-class TrainConfig(Config):
-    """Everything a run needs; saved to RUN/config.json."""
+class TrainConfig(BaseTrainConfig):
+    """Everything a Gaussian run needs; saved to RUN/config.json."""
 
-    subject: str = ""
-    """The subject directory, relative to the run directory (so both can move together)."""
-    subject_absolute: str = ""
-    """The subject directory's absolute path when the run was made (so the run alone can move)."""
-    model_kind: str = "gaussian"
-    """The avatar kind (``--model``); see :data:`avatar.models.MODEL_KINDS`."""
-    preset: str = "fast"
-    resolution: int = 256
-    iterations: int = 3000
-    static_iterations: int = 300
-    smooth_audio_after: int = 1000
-    fuse_after: float = 0.8
-    device: str = "cpu"
-    seed: int = 0
-    threads: int = 0
-    """CPU threads for torch (0: torch's default)."""
-    log_every: int = 25
-    checkpoint_every: int = 1000
-    checkpoint_minutes: float = 2.0
-    """Also checkpoint after this many minutes of training since the last checkpoint (0: off)."""
-    preview_every: int = 500
-    background: str = "plate"
-    """What the rendered head is composited over in training: ``plate`` (the frame's torso over the
-    background plate) or ``frame`` (the frame's own pixels around the original head, as ``avatar
-    render`` composites by default); see :data:`avatar.subject_data.COMPOSITES`."""
-    mouth_batch: int = 64
-    """Train frames per step on which the audio code's mouth read-out is taught (``loss.audio_mouth``),
-    in runs of :data:`MOUTH_RUN` consecutive frames: cheap (no rendering, and neighbours share the
-    audio windows they encode), and far more than the one rendered frame, so the code sees every
-    sentence of the subject many times over."""
     model: TalkingHeadConfig = field(default_factory=TalkingHeadConfig)
     lr: LearningRates = field(default_factory=LearningRates)
     loss: LossWeights = field(default_factory=LossWeights)
@@ -120,12 +91,18 @@ class TrainConfig(Config):
     """Cap of the mouth-interior set (0: the strategy's ``max_gaussians``). Without it the mouth
     branch keeps growing behind the lips and cheeks, where the face layer hides it: render time
     spent on pixels nobody sees."""
-    format_version: int = RUN_FORMAT_VERSION
 
 
-def make_config(preset: str = "fast", overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
-    """The preset's options with ``overrides`` applied (``ValueError`` names a bad option)."""
-    config = merge(TrainConfig(), preset_overrides(preset))
+CONFIG_KINDS: dict[str, type[BaseTrainConfig]] = {"gaussian": TrainConfig, "ngp": NGPTrainConfig}
+"""The training config class of each model kind (``--model``)."""
+
+
+def make_config(preset: str = "fast", overrides: Optional[dict[str, Any]] = None, kind: str = "gaussian") -> Any:
+    """The preset's options for a model kind with ``overrides`` applied (``ValueError`` names a bad
+    option or kind)."""
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(CONFIG_KINDS)}")
+    config = merge(CONFIG_KINDS[kind](), preset_overrides(preset, kind))
     config = dataclasses.replace(config, preset=preset)
     return merge(config, overrides or {})
 
@@ -154,11 +131,12 @@ def save_config(paths: RunPaths, config: TrainConfig) -> None:
     write_config(paths.root, config.to_dict())
 
 
-def load_config(run_dir: Path | str) -> TrainConfig:
-    """The full training config of a run (see :func:`avatar.run.read_config` for the checks)."""
+def load_config(run_dir: Path | str) -> Any:
+    """The full training config of a run, of its kind's class (see :func:`avatar.run.read_config`
+    for the checks)."""
     data = read_config(run_dir)
     try:
-        return TrainConfig.from_dict(data)
+        return CONFIG_KINDS[model_kind_of(data)].from_dict(data)
     except (TypeError, ValueError) as err:
         raise AvatarError(f"{RunPaths(run_dir).config} does not match this version of avatar ({err}); train again.") from None
 
@@ -168,18 +146,7 @@ def load_config(run_dir: Path | str) -> TrainConfig:
 
 def _initial_model(data: SubjectData, config: TrainConfig) -> TalkingHead:
     """Initial Gaussians from the face model and a few train frames (see models.gaussians)."""
-    train_idx = data.split("train")
-    picks = train_idx[np.linspace(0, len(train_idx) - 1, num=min(config.model.init.reference_frames, len(train_idx))).astype(int)]
-    frames = np.stack([np.asarray(data.frames[i]) for i in picks])
-    labels = np.stack([np.asarray(data.masks[i]) for i in picks])
-    head = np.isin(labels, HEAD_LABELS)
-    names = [str(n) for n in data.subject.tracks["blendshape_names"]]
-    jaw = data.subject.tracks["blendshapes"][picks, names.index("jaw_open")] if "jaw_open" in names else None
-    init = init_head(
-        data.face_mean, data.viewmats[picks].cpu().numpy().astype(np.float64), data.K.cpu().numpy().astype(np.float64),
-        frames, head, int(np.argmax(jaw)) if jaw is not None else None, config.model.init, seed=config.seed,
-    )
-    return TalkingHead.from_init(config.model, init)
+    return TalkingHead.from_init(config.model, initial_head(data, config.model.init, config.seed))
 
 
 def _model_from_checkpoint(config: TalkingHeadConfig, tensors: dict[str, Tensor], paths: RunPaths,
@@ -235,7 +202,8 @@ class TrainResult:
     run_dir: Path
     steps: int
     seconds: float
-    n_gaussians: int
+    n_gaussians: Optional[int]
+    """Gaussians of a Gaussian run; None for a kind that has none."""
     last_psnr: float
     """Running mean of the training PSNR; NaN when no step was taken (a resumed run already done)."""
     start_step: int = 0
@@ -243,24 +211,14 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         """What the validation metrics of a run record about its training."""
-        return {"train_seconds": round(self.seconds, 1), "steps": self.steps, "n_gaussians": self.n_gaussians}
+        out: dict[str, Any] = {"train_seconds": round(self.seconds, 1), "steps": self.steps}
+        if self.n_gaussians is not None:
+            out["n_gaussians"] = self.n_gaussians
+        return out
 
 
-class _Trainer:
-    """Holds the state of one training run (model, optimizers, densification, RNG)."""
-
-    def __init__(self, config: TrainConfig, paths: RunPaths, device: torch.device, progress: Optional[Progress]):
-        self.config, self.paths, self.device = config, paths, device
-        self.progress = progress or null_progress
-        subject_dir = find_subject(paths.root, config.to_dict())
-        self.data = SubjectData(subject_dir, config.resolution, config.model.motion_features, device, progress,
-                                mouth_targets=config.model.mouth_targets)
-        self.train_idx = self.data.split("train")
-        if len(self.train_idx) < 2:
-            raise AvatarError(f"{subject_dir} has fewer than 2 tracked training frames.")
-        taught = torch.isfinite(self.data.mouth_targets[torch.from_numpy(self.train_idx)]).any(dim=1).cpu().numpy()
-        self.mouth_idx = torch.from_numpy(self.train_idx[taught])
-        """Train frames with a tracked mouth: where the read-out loss is taken."""
+class _Trainer(TrainerBase):
+    """Holds the state of one Gaussian training run (model, optimizers, densification, RNG)."""
 
     def setup(self, resume: bool) -> None:
         cfg = self.config
@@ -278,7 +236,7 @@ class _Trainer:
             self.model = _initial_model(self.data, cfg).to(self.device)
             # The deformation fields' boxes were fitted to the initial points: keep them in config.json.
             self.config = cfg = dataclasses.replace(cfg, model=self.model.config)
-            save_config(self.paths, cfg)
+            self.save_config()
         self.scene_scale = _scene_scale(meta) if meta else scene_scale_of(self.model)
         self.lpips_net = None
         if cfg.loss.lpips > 0:
@@ -316,8 +274,7 @@ class _Trainer:
                 name = f"strategy/{layer}/{key}"
                 if name in tensors:
                     self.strategy_state[layer][key] = tensors[name].to(self.device)
-        torch.set_rng_state(tensors["rng/torch"])
-        self.sampler.set_state(tensors["rng/sampler"])
+        self.restore_random_state(tensors)
 
     # -- schedule ---------------------------------------------------------------------------
     def _set_learning_rates(self) -> None:
@@ -333,30 +290,11 @@ class _Trainer:
             base = lr.tables if group["name"] == "tables" else lr.networks
             group["lr"] = base * (lr.fuse_factor if fuse else 1.0)
 
-    def condition(self, index: int, frame: Frame) -> Optional[FrameCondition]:
-        if self.step < self.config.static_iterations:
-            return None
-        smooth = self.step >= self.config.smooth_audio_after
-        idx = torch.tensor([index], device=self.device)
-        return self.model.conditions(self.data.audio_features, idx, frame.motion[None], smooth=smooth)[0]
-
-    def mouth_loss(self) -> Optional[Tensor]:
-        """The audio code's mouth read-out error on ``mouth_batch`` train frames (runs of consecutive
-        frames from random starts, :func:`mouth_batch_picks`), or None
-        when switched off (no read-out, a zero weight, no frame with a tracked mouth)."""
-        cfg = self.config
-        if self.model.mouth_readout is None or cfg.loss.audio_mouth <= 0 or len(self.mouth_idx) == 0:
-            return None
-        idx = self.mouth_idx[mouth_batch_picks(len(self.mouth_idx), cfg.mouth_batch, self.sampler)].to(self.device)
-        codes = self.model.audio_codes(self.data.audio_features, idx, smooth=self.step >= cfg.smooth_audio_after)
-        return mouth_readout_loss(self.model.predict_mouth(codes), self.data.mouth_targets[idx])
-
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         self._set_learning_rates()
-        pick = int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))
-        frame = self.data.frame(int(self.train_idx[pick]))
-        cond = self.condition(frame.index, frame)
+        frame = self.data.frame(self.pick_frame())
+        cond = self.condition(frame.index, frame.motion)
         out = self.model.render(cond, frame.viewmat, frame.K, cfg.resolution, cfg.resolution,
                                 frame.over(cfg.background))
         scales = torch.cat([self.model.face.scales, self.model.mouth.scales])
@@ -384,8 +322,19 @@ class _Trainer:
         self._last_out, self._last_frame = out, frame
         return parts
 
+    def size(self) -> str:
+        return f"{self.n_gaussians} Gaussians"
+
+    @property
+    def n_gaussians(self) -> int:
+        return len(self.model.face) + len(self.model.mouth)
+
+    def preview(self) -> tuple[Tensor, Tensor]:
+        """The last step's render and its ground truth."""
+        return self._last_out["rgb"], self._last_frame.image
+
     def save(self) -> None:
-        extra = {"rng/torch": torch.get_rng_state(), "rng/sampler": self.sampler.get_state()}
+        extra = self.random_state()
         for layer, state in self.strategy_state.items():
             for key, value in state.items():
                 if torch.is_tensor(value):
@@ -393,19 +342,6 @@ class _Trainer:
         save_checkpoint(self.paths, self.step, self.model, self.optimizers, extra,
                         {"scene_scale": self.scene_scale, "n_face": len(self.model.face),
                          "n_mouth": len(self.model.mouth)})
-
-
-MOUTH_RUN = 8
-"""Consecutive frames per run of the mouth read-out batch: 8 neighbours share 15 encoded audio
-windows instead of 64 when smoothing over 8 frames, a quarter of the encoder's work."""
-
-
-def mouth_batch_picks(n: int, batch: int, generator: torch.Generator) -> Tensor:
-    """``batch`` positions in ``[0, n)``: runs of :data:`MOUTH_RUN` consecutive positions from
-    random starts (fewer at the end of the range, where a run is cut short)."""
-    run = min(MOUTH_RUN, n, batch)
-    starts = torch.randint(n - run + 1, (-(-batch // run),), generator=generator)  # ceil(batch / run) runs
-    return (starts[:, None] + torch.arange(run)).reshape(-1)[:batch]
 
 
 def _fit_audio_encoder(config: TrainConfig, features: dict[str, Any]) -> TrainConfig:
@@ -427,8 +363,9 @@ def train(
     resume: bool = False,
     progress: Optional[Progress] = None,
     force: bool = False,
+    model: str = "gaussian",
 ) -> TrainResult:
-    """Train a talking Gaussian head on a subject into a run directory.
+    """Train a talking head of kind ``model`` (``gaussian`` or ``ngp``) on a subject into a run directory.
 
     Validation metrics are not this function's business: the command line and the demo call
     :func:`avatar.eval.evaluate_run` on the finished run.
@@ -439,6 +376,7 @@ def train(
             step 0 when it has none yet).
         force: replace the run in ``run_dir`` (only a run: a directory holding anything else is
             refused), once every option has been checked.
+        model: the avatar kind of a new run (a resumed run keeps its own).
 
     Raises:
         AvatarError: bad subject, run directory in the way, unknown option or device.
@@ -452,11 +390,11 @@ def train(
     check_writable_dir(paths.root)
     clean_stale(paths.root)
     clean_stale(paths.checkpoints, legacy_tmp=True)
-    config = _resumed_config(paths, overrides) if resume else _new_config(subject_dir, paths, preset, overrides, force)
+    config = _resumed_config(paths, overrides) if resume else _new_config(subject_dir, paths, preset, overrides, force, model)
     config = dataclasses.replace(config, device=str(dev))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    trainer = _Trainer(config, paths, dev, progress)
+    trainer = (NGPTrainer if config.model_kind == "ngp" else _Trainer)(config, paths, dev, progress)
     trainer.setup(resume)
     config = trainer.config
     report = progress or null_progress
@@ -476,17 +414,16 @@ def train(
             if step % config.log_every == 0 or step == config.iterations:
                 for key, value in parts.items():
                     writer.add_scalar(f"train/{key}", value, step)
-                writer.add_scalar("train/n_gaussians", len(trainer.model.face) + len(trainer.model.mouth), step)
-                log.info("step %d loss %.4f psnr %.2f gaussians %d", step, parts["loss"], psnr_avg,
-                         len(trainer.model.face) + len(trainer.model.mouth))
+                if isinstance(trainer, _Trainer):
+                    writer.add_scalar("train/n_gaussians", trainer.n_gaussians, step)
+                log.info("step %d loss %.4f psnr %.2f %s", step, parts["loss"], psnr_avg, trainer.size())
             if step % config.preview_every == 0 or step == config.iterations:
                 _write_preview(trainer, writer, step)
             if _checkpoint_due(config, step, time.monotonic() - last_save):
                 trainer.save()
                 last_save = time.monotonic()
             if step % 5 == 0:
-                report_status(progress, "train", f"loss {parts['loss']:.4f} psnr {psnr_avg:.2f} "
-                                                 f"n {len(trainer.model.face) + len(trainer.model.mouth)}")
+                report_status(progress, "train", f"loss {parts['loss']:.4f} psnr {psnr_avg:.2f} {trainer.size()}")
             report("train", step, config.iterations)
     except KeyboardInterrupt:
         # Ctrl-C: keep what was learned, so that --resume continues from here.
@@ -499,7 +436,7 @@ def train(
         writer.close()
     seconds = time.perf_counter() - start
     return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
-                       n_gaussians=len(trainer.model.face) + len(trainer.model.mouth), last_psnr=psnr_avg,
+                       n_gaussians=trainer.n_gaussians if isinstance(trainer, _Trainer) else None, last_psnr=psnr_avg,
                        start_step=start_step)
 
 
@@ -527,7 +464,7 @@ def _resumed_config(paths: RunPaths, overrides: Optional[dict[str, Any]]) -> Tra
 
 
 def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides: Optional[dict[str, Any]],
-                force: bool) -> TrainConfig:
+                force: bool, kind: str = "gaussian") -> Any:
     """The config of a new run; checks everything before ``force`` removes the old run."""
     if force:
         _check_replaceable(paths)
@@ -536,7 +473,7 @@ def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides
     manifest = read_manifest(subject_dir)  # a clear error before anything is created
     refuse_overwrite(paths.root, *SubjectPaths(subject_dir).inputs())
     try:
-        config = make_config(preset, overrides)
+        config = make_config(preset, overrides, kind)
     except ValueError as err:
         raise AvatarError(str(err)) from None
     check_config(config)
@@ -581,8 +518,7 @@ def _clear_run(paths: RunPaths) -> None:
 def _write_preview(trainer: _Trainer, writer, step: int) -> None:
     import cv2
 
-    out, frame = trainer._last_out, trainer._last_frame
-    image = preview_image(out["rgb"], frame.image)
+    image = preview_image(*trainer.preview())
     with atomic_output(trainer.paths.previews / f"step_{step:06d}.png", fsync=False) as tmp:
         cv2.imwrite(str(tmp), image[:, :, ::-1])
     writer.add_image("preview/gt_render_error", image, step, dataformats="HWC")

@@ -368,7 +368,7 @@ def test_the_audio_code_learns_to_predict_the_tracked_mouth(small_subject, tmp_p
 
 @pytest.mark.parametrize("n,batch", [(100, 64), (5, 64), (100, 20), (1, 3)])
 def test_mouth_batches_are_runs_of_consecutive_frames_inside_the_range(n, batch):
-    from avatar.train.trainer import MOUTH_RUN, mouth_batch_picks
+    from avatar.train.losses import MOUTH_RUN, mouth_batch_picks
 
     picks = mouth_batch_picks(n, batch, torch.Generator().manual_seed(0))
     assert picks.shape == (batch,) and int(picks.min()) >= 0 and int(picks.max()) < n
