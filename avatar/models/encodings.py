@@ -1,4 +1,4 @@
-"""Multi-resolution hash-grid tri-plane encoding of 3D positions (pure PyTorch).
+"""Multi-resolution hash-grid tri-plane encoding of 3D positions.
 
 A position inside a bounding box is projected onto the three axis-aligned planes xy, yz and xz;
 each plane holds a multi-resolution 2D grid of learned feature vectors (instant-ngp's hash
@@ -14,8 +14,9 @@ densely (``x + y (R_l + 1)``, no collisions); finer levels hash the vertex coord
 table of ``2**log2_hashmap_size`` entries (``x XOR y * 2654435761``, the instant-ngp prime) and
 let training resolve the collisions.
 
-:func:`_triplane_encode` is the torch reference of the encoding (vectorised over points, planes
-and levels); a CUDA kernel, when one is added, must match it in both passes.
+:func:`avatar.render.triplane.triplane_encode` computes the encoding: a C++ kernel on the CPU, a
+CUDA kernel on the GPU, or its PyTorch twin ``_triplane_encode`` (re-exported here with
+``PLANE_AXES``); this module owns the tables, their layout and the box.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ import torch
 from torch import Tensor, nn
 
 from avatar.configs import Config
+from avatar.render.triplane import (
+    IMPLEMENTATIONS,
+    PLANE_AXES,
+    Implementation,
+    _triplane_encode,
+    triplane_encode,
+)
+
+__all__ = ["COMBINE_MODES", "PLANE_AXES", "TriPlaneConfig", "TriPlaneEncoding", "_triplane_encode"]
 
 COMBINE_MODES = ("concat", "sum")
 """Valid values of :attr:`TriPlaneConfig.combine`."""
-
-PLANE_AXES = ((0, 1), (1, 2), (0, 2))
-"""The coordinate axes of the three planes, in output order: xy, yz, xz."""
-
-_HASH_PRIME = 2654435761
-"""Multiplier of the y coordinate in the spatial hash (instant-ngp's second prime; x uses 1)."""
-
-_CORNER_DX = (0, 1, 0, 1)
-_CORNER_DY = (0, 0, 1, 1)
 
 
 @dataclass
@@ -146,130 +147,6 @@ def _float_triple(name: str, value: Sequence[float]) -> tuple[float, float, floa
     return triple  # type: ignore[return-value]
 
 
-def _row_view(rows: Tensor) -> Tensor:
-    """``rows`` [K, F] viewed so that one element holds a whole row, when the dtype allows.
-
-    Why: gathering and scattering 8-byte rows as single complex numbers runs 3-4x faster on the
-    CPU than the same work on a ``[K, 2]`` float tensor (a 1D ``index_select``/``index_add_`` is
-    vectorised, the 2D one loops over rows), and complex addition is exactly the per-channel
-    addition the backward needs. Other shapes, dtypes and devices are returned unchanged (on
-    CUDA the plain 2D kernels are fast already).
-    """
-    complex_of = {torch.float32: torch.complex64, torch.float64: torch.complex128}
-    if (
-        rows.device.type == "cpu"
-        and rows.dtype in complex_of
-        and rows.shape[1] % 2 == 0
-        and rows.is_contiguous()
-    ):
-        viewed = rows.view(complex_of[rows.dtype])  # [K, F / 2]
-        return viewed[:, 0] if viewed.shape[1] == 1 else viewed
-    return rows
-
-
-def _gather_rows(table: Tensor, index: Tensor) -> Tensor:  # [E, F], [K] -> [K, F]
-    rows = _row_view(table).index_select(0, index)
-    if rows.is_complex():
-        rows = torch.view_as_real(rows).reshape(index.shape[0], table.shape[1])
-    return rows
-
-
-def _scatter_add_rows(n_rows: int, index: Tensor, rows: Tensor) -> Tensor:  # [K], [K, F] -> [E, F]
-    rows = rows.contiguous()
-    out = rows.new_zeros(n_rows, rows.shape[1])
-    _row_view(out).index_add_(0, index, _row_view(rows))
-    return out
-
-
-class _BilinearGather(torch.autograd.Function):
-    """``sum_c weights[c, q] * table[index[c, q]]`` over the 4 corners ``c`` of a cell.
-
-    One autograd node instead of a gather, a product and a sum, because the generic backward is
-    slow on the CPU: ``embedding``'s and ``index_put_``'s backward sort the ~2 M indices of a
-    20 k-point call (4-10x slower than one ``index_add_``), and the corner reduction over a
-    middle dimension of size 4 is strided. Here the corners are the leading dimension.
-    """
-
-    @staticmethod
-    def forward(ctx, table: Tensor, index: Tensor, weights: Tensor) -> Tensor:
-        # table [E, F], index [4, Q] int64, weights [4, Q] -> [Q, F]
-        n_corners, q = index.shape
-        corners = _gather_rows(table, index.reshape(-1)).reshape(n_corners, q, table.shape[1])
-        out = corners[0] * weights[0, :, None]
-        for c in range(1, n_corners):
-            out.addcmul_(corners[c], weights[c, :, None])
-        ctx.n_rows = table.shape[0]
-        ctx.save_for_backward(index, weights, corners if weights.requires_grad else None)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None]:  # grad [Q, F]
-        index, weights, corners = ctx.saved_tensors
-        grad_table = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            rows = weights[:, :, None] * grad[None]  # [4, Q, F]
-            rows = rows.reshape(-1, grad.shape[1])  # [4 Q, F]
-            grad_table = _scatter_add_rows(ctx.n_rows, index.reshape(-1), rows)
-        if ctx.needs_input_grad[2]:
-            grad_weights = (corners * grad[None]).sum(dim=-1)  # [4, Q]
-        return grad_table, None, grad_weights
-
-
-def _triplane_encode(
-    coords: Tensor,  # [M, 3]
-    embeddings: Tensor,  # [E, F]
-    resolutions: Tensor,  # [L]
-    offsets: Tensor,  # [L, 3]
-    n_dense: int,
-    log2_hashmap_size: int,
-) -> Tensor:  # [M, 3, L, F]
-    """Bilinearly interpolated tri-plane features of points in the unit cube (torch reference).
-
-    Vectorised over points, planes and levels; the dense levels are a prefix of the levels, so
-    dense and hashed indices are two slices, not a per-level loop.
-
-    Args:
-        coords: positions in ``[0, 1]^3`` (clamp first; nothing is checked here). [M, 3]
-        embeddings: all tables: rows ``offsets[l, p]`` onwards belong to level ``l`` of plane
-            ``p``. [E, F]
-        resolutions: cells per side of each level, ascending, int64. [L]
-        offsets: first table row of each level and plane, int64. [L, 3]
-        n_dense: the first ``n_dense`` levels are indexed densely, the rest hashed.
-        log2_hashmap_size: hashed levels use ``2**log2_hashmap_size`` rows.
-
-    Returns:
-        Features per point, plane (xy, yz, xz) and level. Differentiable with respect to
-        ``embeddings`` and ``coords``. [M, 3, L, F]
-    """
-    m, n_levels = coords.shape[0], resolutions.shape[0]
-    q = n_levels * 3 * m
-    uv = torch.stack([coords[:, list(a)] for a in PLANE_AXES])  # [3, M, 2]
-    pos = uv * resolutions.to(coords.dtype)[:, None, None, None]  # [L, 3, M, 2]
-    cell = torch.minimum(pos.detach().long(), (resolutions - 1)[:, None, None, None])  # [L, 3, M, 2]
-    frac = pos - cell  # [L, 3, M, 2], in [0, 1]
-    cx, cy = cell.unbind(-1)  # [L, 3, M] each
-
-    parts = []
-    if n_dense > 0:  # row-major vertex index, the corners at +0, +1, +stride, +stride + 1
-        stride = resolutions[:n_dense, None, None] + 1  # [Ld, 1, 1]
-        base = cx[:n_dense] + cy[:n_dense] * stride  # [Ld, 3, M]
-        parts.append(torch.stack([base, base + 1, base + stride, base + stride + 1]))
-    if n_dense < n_levels:  # instant-ngp spatial hash of each corner
-        mask = (1 << log2_hashmap_size) - 1
-        x0, y0 = cx[n_dense:], cy[n_dense:] * _HASH_PRIME  # [Lh, 3, M]
-        x1, y1 = x0 + 1, y0 + _HASH_PRIME
-        parts.append(torch.stack([x0 ^ y0, x1 ^ y0, x0 ^ y1, x1 ^ y1]) & mask)
-    index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [4, L, 3, M]
-    index = (index + offsets[None, :, :, None]).reshape(4, q)  # [4, Q = L 3 M]
-
-    fx, fy = frac.unbind(-1)  # [L, 3, M] each
-    gx, gy = 1 - fx, 1 - fy
-    weights = torch.stack([gx * gy, fx * gy, gx * fy, fx * fy]).reshape(4, q)  # [4, Q]
-    feats = _BilinearGather.apply(embeddings, index, weights.to(embeddings.dtype))  # [Q, F]
-    return feats.reshape(n_levels, 3, m, embeddings.shape[1]).permute(2, 1, 0, 3)  # [M, 3, L, F]
-
-
 class TriPlaneEncoding(nn.Module):
     """Learned tri-plane hash-grid features of 3D positions: ``[..., 3] -> [..., out_dim]``.
 
@@ -283,10 +160,25 @@ class TriPlaneEncoding(nn.Module):
         >>> enc = TriPlaneEncoding(TriPlaneConfig(center=(0.0, 0.0, 0.1), half_extent=(0.15,) * 3))
         >>> enc(torch.zeros(5, 7, 3)).shape
         torch.Size([5, 7, 48])
+
+    Args:
+        config: the encoding's options (the default config when None).
+        implementation: which code computes it, see :func:`avatar.render.triplane.triplane_encode`
+            ("auto": the C++ or CUDA kernel when it builds, else PyTorch). A runtime choice, not
+            part of the config: every implementation computes the same function, so a saved
+            model loads and runs under any of them. Change it with the attribute of that name.
+
+    Raises:
+        ValueError: ``implementation`` is not one of "auto", "torch", "cpp", "cuda".
     """
 
-    def __init__(self, config: TriPlaneConfig | None = None) -> None:
+    def __init__(self, config: TriPlaneConfig | None = None, implementation: Implementation = "auto") -> None:
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"TriPlaneEncoding: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+            )
+        self.implementation: Implementation = implementation
         self.config = config = config if config is not None else TriPlaneConfig()
         table = 1 << config.log2_hashmap_size
         resolutions = config.resolutions()
@@ -354,9 +246,9 @@ class TriPlaneEncoding(nn.Module):
             )
         lead = positions.shape[:-1]
         coords = ((self.normalize(positions.reshape(-1, 3)) + 1.0) * 0.5).clamp(0.0, 1.0)  # [M, 3]
-        feats = _triplane_encode(
+        feats = triplane_encode(
             coords, self.embeddings, self.resolutions, self.offsets, self.n_dense,
-            self.config.log2_hashmap_size,
+            self.config.log2_hashmap_size, implementation=self.implementation,
         )  # [M, 3, L, F]
         if self.config.combine == "sum":
             feats = feats.sum(dim=1)
@@ -367,5 +259,5 @@ class TriPlaneEncoding(nn.Module):
         return (
             f"levels={c.n_levels}, features={c.features_per_level}, resolutions={c.resolutions()}, "
             f"dense_levels={self.n_dense}, log2_hashmap_size={c.log2_hashmap_size}, "
-            f"combine={c.combine}, rows={self.embeddings.shape[0]}"
+            f"combine={c.combine}, rows={self.embeddings.shape[0]}, implementation={self.implementation}"
         )
