@@ -1,43 +1,13 @@
-"""Build script: package metadata lives in pyproject.toml.
+"""Build script: package metadata lives in pyproject.toml; this file compiles nothing.
 
-The project's own CUDA kernels (``cuda_ext/``) are compiled here only when a CUDA device is
-actually usable (``torch.cuda.is_available()``), never because a compiler happens to be on
-PATH. Everywhere else (CPU machines, CI, pip's isolated build environment where torch is not
-importable) the package installs as pure Python and the PyTorch reference paths are used.
-Set ``AVATAR_BUILD_CUDA=0`` to skip the build on a GPU machine as well.
+The project's kernels (``avatar/render/csrc/*.cpp`` for the CPU, ``cuda_ext/*.cu`` for CUDA) are
+plain C++/CUDA sources with a C ABI and no torch headers. They are not torch extensions and are
+not built at install time: :mod:`avatar.render._build` compiles each one on first use (``c++`` or
+``nvcc``, a few seconds), caches the shared library under ``$AVATAR_CACHE_DIR`` and loads it with
+ctypes; without a compiler (or, for CUDA, without a usable GPU) the PyTorch twins run instead.
+So ``pip install -e .`` is a pure-Python install on every machine.
 """
-
-from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).resolve().parent
-
-
-def _cuda_extensions() -> tuple[list, dict]:
-    if os.environ.get("AVATAR_BUILD_CUDA", "1") == "0":
-        return [], {}
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda_ext").glob("*.cu"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda_ext").glob("*.cpp"))
-    if not sources:
-        return [], {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError:  # isolated build env: install pure Python, use the torch reference paths
-        return [], {}
-    if not torch.cuda.is_available():
-        return [], {}
-    ext = CUDAExtension(
-        name="avatar._cuda_ext",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
-    )
-    return [ext], {"build_ext": BuildExtension}
-
-
-ext_modules, cmdclass = _cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup()
