@@ -28,11 +28,6 @@ _CUDA_SOURCE = CUDA_SOURCE_DIR / "triplane.cu"
 _ABI_VERSION = 1
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
-STRATEGIES = {"auto": 0, "partial": 1, "owned": 2}
-"""How the C++ backward makes its table scatter race-free (see csrc/triplane_cpu.cpp): per-thread
-partial tables, or threads owning (level, plane) tables. "auto" picks by table and batch size."""
-
-
 @functools.cache
 def load_cpu() -> ctypes.CDLL | None:
     """Compile (once per source version and machine) and load the C++ kernel; None on failure
@@ -44,7 +39,7 @@ def load_cpu() -> ctypes.CDLL | None:
     ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in _SUFFIX.values():
         fwd = getattr(lib, f"avatar_triplane_fwd_{suffix}")
-        fwd.argtypes = [ptr] * 4 + [i64] * 6 + [ptr, cint]
+        fwd.argtypes = [ptr] * 4 + [i64] * 6 + [ptr, cint, cint]
         fwd.restype = cint
         bwd = getattr(lib, f"avatar_triplane_bwd_{suffix}")
         bwd.argtypes = [ptr] * 4 + [i64] * 6 + [ptr] * 3 + [cint, cint]
@@ -95,8 +90,8 @@ class _TriPlaneEncode(torch.autograd.Function):
         offsets: Tensor,  # [L, 3]
         n_dense: int,
         log2_hashmap_size: int,
-        strategy: int,
         threads: int,
+        exact_threads: bool,
     ) -> Tensor:  # [M, 3, L, F]
         coords, embeddings = coords.contiguous(), embeddings.contiguous()
         resolutions = resolutions.to(device=coords.device, dtype=torch.int64).contiguous()
@@ -116,16 +111,17 @@ class _TriPlaneEncode(torch.autograd.Function):
         else:
             lib = load_cpu()
             assert lib is not None, "the C++ kernel is not available; resolve the implementation first"
-            _check(getattr(lib, f"avatar_triplane_fwd_{suffix}")(*ins, *sizes, _ptr(out), threads), "C++ forward")
+            rc = getattr(lib, f"avatar_triplane_fwd_{suffix}")(*ins, *sizes, _ptr(out), threads, exact_threads)
+            _check(rc, "C++ forward")
         ctx.save_for_backward(coords, embeddings, resolutions, offsets)
-        ctx.config = (n_dense, log2_hashmap_size, strategy, threads)
+        ctx.config = (n_dense, log2_hashmap_size, threads, exact_threads)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]  # grad [M, 3, L, F]
         coords, embeddings, resolutions, offsets = ctx.saved_tensors
-        n_dense, log2_hashmap_size, strategy, threads = ctx.config
+        n_dense, log2_hashmap_size, threads, exact_threads = ctx.config
         grad_coords = torch.empty_like(coords) if ctx.needs_input_grad[0] else None
         grad_table = torch.zeros_like(embeddings) if ctx.needs_input_grad[1] else None
         if grad_coords is None and grad_table is None:
@@ -145,7 +141,7 @@ class _TriPlaneEncode(torch.autograd.Function):
             _check(rc, "CUDA backward")
         else:
             lib = load_cpu()
-            rc = getattr(lib, f"avatar_triplane_bwd_{suffix}")(*ins[:4], *sizes, *ins[4:], threads, strategy)
+            rc = getattr(lib, f"avatar_triplane_bwd_{suffix}")(*ins[:4], *sizes, *ins[4:], threads, exact_threads)
             _check(rc, "C++ backward")
         return grad_coords, grad_table, None, None, None, None, None, None
 
@@ -157,7 +153,6 @@ def triplane_encode_kernel(
     offsets: Tensor,  # [L, 3]
     n_dense: int,
     log2_hashmap_size: int,
-    strategy: str = "auto",
     threads: int | None = None,
 ) -> Tensor:  # [M, 3, L, F]
     """The kernel twin of :func:`avatar.render.triplane._triplane_encode`: C++ for CPU tensors,
@@ -165,11 +160,9 @@ def triplane_encode_kernel(
     and embeddings of one dtype, float32 or float64, on one device).
 
     Args:
-        strategy: the C++ backward's race-free scatter ("auto", "partial", "owned"); ignored on
-            CUDA, which uses atomics.
-        threads: C++ threads (default ``torch.get_num_threads()``); with a forced ``strategy``
-            the backward uses exactly that many, so tests can run the threaded paths on few points.
+        threads: C++ threads, exactly (tests run the threaded paths on few points with it); by
+            default up to ``torch.get_num_threads()``, fewer on small inputs. Ignored on CUDA.
     """
     n_threads = torch.get_num_threads() if threads is None else int(threads)
     return _TriPlaneEncode.apply(coords, embeddings, resolutions, offsets, int(n_dense), int(log2_hashmap_size),
-                                 STRATEGIES[strategy], n_threads)
+                                 n_threads, threads is not None)

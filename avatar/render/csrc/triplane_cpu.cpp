@@ -15,28 +15,31 @@
 //
 // Instantiated for float and double, coordinates and table of one dtype (the templates keep the
 // two types apart so that the casts sit where the twin has them), with F = 2 (the default width)
-// unrolled and any other F as a loop.
+// as one 2-lane vector per row and any other F as a loop.
 //
 // One difference on invalid input only: the twin expects coordinates in [0, 1] (an index below
 // zero makes torch raise); here the cell is also clamped below at 0 (and NaN maps to cell 0), so
 // that no input can read or write outside the table.
 //
-// Work is split over std::threads by point. The backward's scatter-add into the table is made
-// race-free and deterministic (for a given thread count) in one of two ways:
-//   * partial tables: each thread adds into its own zeroed copy of the table (thread 0 into the
-//     output), then the copies are summed row range by row range in thread order. One pass over
-//     the points gives both gradients. Used when the copies are cheap next to the scatter itself.
-//   * ownership: the (level, plane) tables are disjoint row ranges, so thread t owns the pairs
-//     k = l * 3 + p with k % T == t and walks all points for those; the position gradient, a sum
-//     over all pairs, then takes a second pass split by point. Used for big tables and few points.
+// Threads (std::thread, as many as asked for and useful) take work from a shared counter, so a
+// thread that another process slows down takes less of it:
+//   * forward, and the position gradient alone: chunks of points (outputs are disjoint);
+//   * table gradient: whole levels. The (level, plane) tables are disjoint row ranges, so the
+//     thread that takes level l owns its rows and scatters into them without atomics, walking
+//     the points in order. The position gradient, a sum over levels, is written per level into
+//     a buffer [L, M, 3] and summed in level order afterwards.
+// Every sum is therefore taken in the same order whatever the thread count and scheduling: the
+// backward is bitwise deterministic. At most L threads share the table gradient.
 //
 // Points are processed in blocks of kBlock; within a block the loops run level, then point (its
 // three axes located once, shared by the two planes that read each), so one level's tables stay
 // in cache while the block's points read them.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -45,6 +48,7 @@ namespace {
 constexpr uint32_t kHashPrime = 2654435761u;  // instant-ngp's prime for y; x uses 1
 constexpr int kAxes[3][2] = {{0, 1}, {1, 2}, {0, 2}};  // xy, yz, xz
 constexpr int64_t kBlock = 256;  // points per block: the block's outputs (256 x 3 L F) stay in L2
+constexpr int64_t kChunk = 4 * kBlock;  // points a thread takes at a time
 
 template <typename TC, typename TE>
 struct Args {
@@ -59,6 +63,34 @@ struct Args {
   uint32_t mask;
 };
 
+// A table row of two features as one 2-lane vector (GCC/clang vector extension: SSE2 on x86-64,
+// NEON on arm64, scalars elsewhere): one load, multiply, add and store per corner instead of two.
+// Lane-wise arithmetic, so the results are those of the scalar loop.
+template <typename T>
+struct PairOf;
+template <>
+struct PairOf<float> {
+  typedef float type __attribute__((vector_size(8)));
+};
+template <>
+struct PairOf<double> {
+  typedef double type __attribute__((vector_size(16)));
+};
+template <typename T>
+using Pair = typename PairOf<T>::type;
+
+template <typename T>
+inline Pair<T> load_pair(const T* p) {
+  Pair<T> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_pair(T* p, Pair<T> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
 // One coordinate of one point at one level: its cell and the fraction across it.
 template <typename TC>
 struct Axis {
@@ -69,7 +101,7 @@ struct Axis {
 template <typename TC>
 inline Axis<TC> axis_of(TC u, TC scale, TC last) {
   // pos = u R; cell = min(trunc(pos), R - 1) for pos >= 0, as the twin; 0 below zero and for
-  // NaN (memory safety); frac = pos - cell
+  // NaN (memory safety); frac = pos - cell. No floor(): a libm call on baseline x86-64.
   const TC pos = u * scale;
   TC q = pos > TC(0) ? pos : TC(0);
   q = q < last ? q : last;
@@ -86,7 +118,7 @@ inline void corner_rows(int64_t x, int64_t y, int64_t stride, uint32_t mask, int
     row[1] = base + 1;
     row[2] = base + stride;
     row[3] = base + stride + 1;
-  } else {
+  } else {  // the twin's int64 arithmetic has the same low bits as this uint32 one
     const uint32_t x0 = static_cast<uint32_t>(x), x1 = x0 + 1u;
     const uint32_t y0 = static_cast<uint32_t>(y) * kHashPrime, y1 = y0 + kHashPrime;
     row[0] = (x0 ^ y0) & mask;
@@ -105,8 +137,7 @@ inline void weights_of(TC fx, TC fy, TC w[4]) {
   w[3] = fx * fy;
 }
 
-// Forward of level l over points [m0, m1), all three planes. A point's three axes are located
-// once per level and shared by the two planes that read each of them.
+// Forward of level l over points [m0, m1), all three planes.
 template <typename TC, typename TE, int kF, bool kDense>
 void forward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, TE* __restrict out) {
   const int64_t F = kF > 0 ? kF : a.feats;
@@ -120,7 +151,7 @@ void forward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, TE*
     const Axis<TC> ax[3] = {axis_of(coords[m * 3], scale, last), axis_of(coords[m * 3 + 1], scale, last),
                             axis_of(coords[m * 3 + 2], scale, last)};
     TE* dst = out + m * point_stride + l * F;
-#pragma GCC unroll 3  // constant plane axes: dpos and ax stay in registers
+#pragma GCC unroll 3  // constant plane axes: ax and the rows stay in registers
     for (int p = 0; p < 3; ++p) {
       const Axis<TC>& u = ax[kAxes[p][0]];
       const Axis<TC>& v = ax[kAxes[p][1]];
@@ -135,12 +166,20 @@ void forward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, TE*
       const TE* e2 = tab[p] + row[2] * F;
       const TE* e3 = tab[p] + row[3] * F;
       TE* d = dst + p * plane_stride;
-      for (int64_t f = 0; f < F; ++f) {
-        TE acc = e0[f] * w0;  // corner order, as the twin's addcmul chain
-        acc += e1[f] * w1;
-        acc += e2[f] * w2;
-        acc += e3[f] * w3;
-        d[f] = acc;
+      if constexpr (kF == 2) {
+        Pair<TE> acc = load_pair(e0) * w0;  // corner order, as the twin's addcmul chain
+        acc += load_pair(e1) * w1;
+        acc += load_pair(e2) * w2;
+        acc += load_pair(e3) * w3;
+        store_pair(d, acc);
+      } else {
+        for (int64_t f = 0; f < F; ++f) {
+          TE acc = e0[f] * w0;
+          acc += e1[f] * w1;
+          acc += e2[f] * w2;
+          acc += e3[f] * w3;
+          d[f] = acc;
+        }
       }
     }
   }
@@ -160,12 +199,11 @@ void forward_points(const Args<TC, TE>& a, int64_t m0, int64_t m1, TE* out) {
   }
 }
 
-// Backward of level l over points [m0, m1), for the planes whose bit is set in `planes`: adds
-// w_c * grad into the rows of gtable (kTable) and the position gradient into gpos[m - m0][0..3)
-// (kPos).
+// Backward of level l over points [m0, m1): adds w_c * grad into the level's rows of gtable
+// (kTable) and the position gradient into gpos[m - m0][0..3) (kPos).
 template <typename TC, typename TE, int kF, bool kDense, bool kTable, bool kPos>
-void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, unsigned planes,
-                    const TE* __restrict grad, TE* __restrict gtable, TC* __restrict gpos) {
+void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, const TE* __restrict grad,
+                    TE* __restrict gtable, TC* __restrict gpos) {
   const int64_t F = kF > 0 ? kF : a.feats;
   const int64_t res = a.res[l], stride = res + 1;
   const TC scale = static_cast<TC>(res), last = static_cast<TC>(res - 1);
@@ -181,7 +219,6 @@ void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, un
     TC dpos[3] = {TC(0), TC(0), TC(0)};
 #pragma GCC unroll 3
     for (int p = 0; p < 3; ++p) {
-      if (!((planes >> p) & 1u)) continue;
       const int iu = kAxes[p][0], iv = kAxes[p][1];
       const Axis<TC>& u = ax[iu];
       const Axis<TC>& v = ax[iv];
@@ -190,11 +227,19 @@ void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, un
       const TE* g = gm + p * plane_stride;
       if (kPos) {
         TE gw[4];  // d out / d weight_c = <table[row_c], grad>
-        for (int k = 0; k < 4; ++k) {
-          const TE* e = table + first[p] + row[k] * F;
-          TE s = e[0] * g[0];
-          for (int64_t f = 1; f < F; ++f) s += e[f] * g[f];
-          gw[k] = s;
+        if constexpr (kF == 2) {
+          const Pair<TE> g2 = load_pair(g);
+          for (int k = 0; k < 4; ++k) {
+            const Pair<TE> prod = load_pair(table + first[p] + row[k] * 2) * g2;
+            gw[k] = prod[0] + prod[1];
+          }
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            const TE* e = table + first[p] + row[k] * F;
+            TE s = e[0] * g[0];
+            for (int64_t f = 1; f < F; ++f) s += e[f] * g[f];
+            gw[k] = s;
+          }
         }
         const TC g0 = static_cast<TC>(gw[0]), g1 = static_cast<TC>(gw[1]);
         const TC g2 = static_cast<TC>(gw[2]), g3 = static_cast<TC>(gw[3]);
@@ -205,10 +250,18 @@ void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, un
       if (kTable) {
         TC wc[4];
         weights_of(u.frac, v.frac, wc);
-        for (int k = 0; k < 4; ++k) {
-          const TE w = static_cast<TE>(wc[k]);
-          TE* dst = gtable + first[p] + row[k] * F;
-          for (int64_t f = 0; f < F; ++f) dst[f] += w * g[f];
+        if constexpr (kF == 2) {
+          const Pair<TE> g2 = load_pair(g);
+          for (int k = 0; k < 4; ++k) {
+            TE* dst = gtable + first[p] + row[k] * 2;
+            store_pair(dst, load_pair(dst) + static_cast<TE>(wc[k]) * g2);
+          }
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            const TE w = static_cast<TE>(wc[k]);
+            TE* dst = gtable + first[p] + row[k] * F;
+            for (int64_t f = 0; f < F; ++f) dst[f] += w * g[f];
+          }
         }
       }
     }
@@ -221,122 +274,105 @@ void backward_level(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, un
   }
 }
 
-// Backward over points [m0, m1), for the (level, plane) pairs with owned[l * 3 + p] != 0 (all
-// when owned is null). Writes grad_coords[m0:m1] when kPos.
 template <typename TC, typename TE, int kF, bool kTable, bool kPos>
-void backward_points(const Args<TC, TE>& a, int64_t m0, int64_t m1, const TE* grad, TE* gtable, TC* gcoords,
-                     const char* owned) {
-  TC gpos[kBlock * 3];
-  for (int64_t b0 = m0; b0 < m1; b0 += kBlock) {
-    const int64_t b1 = std::min(b0 + kBlock, m1);
-    if (kPos) std::fill(gpos, gpos + (b1 - b0) * 3, TC(0));
-    for (int64_t l = 0; l < a.levels; ++l) {
-      unsigned planes = 7u;
-      if (owned != nullptr) {
-        planes = (owned[l * 3] ? 1u : 0u) | (owned[l * 3 + 1] ? 2u : 0u) | (owned[l * 3 + 2] ? 4u : 0u);
-        if (planes == 0) continue;
-      }
-      if (l < a.n_dense) {
-        backward_level<TC, TE, kF, true, kTable, kPos>(a, l, b0, b1, planes, grad, gtable, gpos);
-      } else {
-        backward_level<TC, TE, kF, false, kTable, kPos>(a, l, b0, b1, planes, grad, gtable, gpos);
-      }
-    }
-    if (kPos) std::copy(gpos, gpos + (b1 - b0) * 3, gcoords + b0 * 3);
+void backward_level_points(const Args<TC, TE>& a, int64_t l, int64_t m0, int64_t m1, const TE* grad, TE* gtable,
+                           TC* gpos) {
+  if (l < a.n_dense) {
+    backward_level<TC, TE, kF, true, kTable, kPos>(a, l, m0, m1, grad, gtable, gpos);
+  } else {
+    backward_level<TC, TE, kF, false, kTable, kPos>(a, l, m0, m1, grad, gtable, gpos);
   }
 }
 
-// Runs fn(t) for t in [0, n) on n threads (the caller's thread is t = 0). A failure to start a
-// thread runs its share on the caller's thread instead.
+// Runs fn() on n threads (the caller's among them). A thread that cannot be started is simply
+// not there: the others take its share from the shared counter.
 template <typename Fn>
-void run_threads(int n, Fn&& fn) {
+void run_threads(int n, const Fn& fn) {
   std::vector<std::thread> pool;
-  std::vector<int> serial;
   for (int t = 1; t < n; ++t) {
     try {
-      pool.emplace_back(fn, t);
+      pool.emplace_back(fn);
     } catch (const std::exception&) {
-      serial.push_back(t);
+      break;
     }
   }
-  fn(0);
-  for (int t : serial) fn(t);
+  fn();
   for (auto& th : pool) th.join();
 }
 
-// Threads worth using for `work` (point, level, plane) items: one per 16k items at most (a
-// thread costs tens of microseconds to start), unless `exact` (tests of the threaded paths).
+// Calls body(c0, c1) for chunks [c0, c1) of [0, m), taken from a shared counter by n threads.
+template <typename Body>
+void for_chunks(int64_t m, int n, const Body& body) {
+  std::atomic<int64_t> next{0};
+  run_threads(n, [&]() {
+    for (int64_t c = next.fetch_add(kChunk); c < m; c = next.fetch_add(kChunk)) body(c, std::min(c + kChunk, m));
+  });
+}
+
+// Threads worth using for `work` (point, level, plane) items: one per 16k items at most (a thread
+// costs tens of microseconds to start), unless `exact` (tests of the threaded paths on few points).
 int thread_count(int requested, int64_t work, bool exact) {
   const int64_t useful = exact ? requested : std::max<int64_t>(1, work / 16384);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::min(requested, 256), useful)));
 }
 
 template <typename TC, typename TE, int kF>
-void forward(const Args<TC, TE>& a, TE* out, int n_threads) {
-  const int n = thread_count(n_threads, a.m * a.levels * 3, false);
-  run_threads(n, [&](int t) {
-    forward_points<TC, TE, kF>(a, a.m * t / n, a.m * (t + 1) / n, out);
-  });
+void forward(const Args<TC, TE>& a, TE* out, int n) {
+  for_chunks(a.m, n, [&](int64_t c0, int64_t c1) { forward_points<TC, TE, kF>(a, c0, c1, out); });
 }
 
-template <typename TC, typename TE, int kF, bool kPos>
-void backward_partial(const Args<TC, TE>& a, int64_t n_rows, const TE* grad, TE* gtable, TC* gcoords, int n) {
-  const int64_t size = n_rows * a.feats;
-  std::vector<TE> partial(static_cast<size_t>(size) * (n - 1));
-  run_threads(n, [&](int t) {
-    TE* mine = gtable;
-    if (t > 0) {
-      mine = partial.data() + size * (t - 1);
-      std::fill(mine, mine + size, TE(0));  // first touch by the thread that uses it
-    }
-    backward_points<TC, TE, kF, true, kPos>(a, a.m * t / n, a.m * (t + 1) / n, grad, mine, gcoords, nullptr);
-  });
-  if (n == 1) return;
-  run_threads(n, [&](int t) {  // sum the copies into the output, rows split by thread
-    const int64_t r0 = size * t / n, r1 = size * (t + 1) / n;
-    for (int k = 0; k + 1 < n; ++k) {
-      const TE* src = partial.data() + size * k;
-      for (int64_t i = r0; i < r1; ++i) gtable[i] += src[i];
-    }
-  });
-}
-
+// Position gradient only: chunks of points, each point's sum over levels in level order.
 template <typename TC, typename TE, int kF>
-void backward_owned(const Args<TC, TE>& a, const TE* grad, TE* gtable, int n) {
-  const int64_t pairs = a.levels * 3;
-  n = static_cast<int>(std::min<int64_t>(n, pairs));
-  std::vector<std::vector<char>> owned(n, std::vector<char>(pairs, 0));
-  for (int64_t k = 0; k < pairs; ++k) owned[k % n][k] = 1;
-  run_threads(n, [&](int t) {
-    backward_points<TC, TE, kF, true, false>(a, 0, a.m, grad, gtable, nullptr, owned[t].data());
-  });
-}
-
-template <typename TC, typename TE, int kF>
-void backward(const Args<TC, TE>& a, int64_t n_rows, const TE* grad, TE* gtable, TC* gcoords, int n_threads,
-              int strategy) {
-  const int n = thread_count(n_threads, a.m * a.levels * 3, strategy != 0);
-  if (gtable != nullptr) {
-    // Partial tables cost a zeroing and a summing pass over (n - 1) table copies; worth it while
-    // that streams no more than about twice the rows the scatter touches at random.
-    const bool partial = strategy == 1 || (strategy == 0 && (n - 1) * n_rows <= 2 * a.m * a.levels * 3 &&
-                                           (n - 1) * n_rows * a.feats * static_cast<int64_t>(sizeof(TE)) <=
-                                               (int64_t(1) << 30));
-    if (partial || n == 1) {
-      if (gcoords != nullptr) {
-        backward_partial<TC, TE, kF, true>(a, n_rows, grad, gtable, gcoords, n);
-      } else {
-        backward_partial<TC, TE, kF, false>(a, n_rows, grad, gtable, nullptr, n);
+void backward_positions(const Args<TC, TE>& a, const TE* grad, TC* gcoords, int n) {
+  for_chunks(a.m, n, [&](int64_t c0, int64_t c1) {
+    std::fill(gcoords + c0 * 3, gcoords + c1 * 3, TC(0));
+    for (int64_t b0 = c0; b0 < c1; b0 += kBlock) {
+      const int64_t b1 = std::min(b0 + kBlock, c1);
+      for (int64_t l = 0; l < a.levels; ++l) {
+        backward_level_points<TC, TE, kF, false, true>(a, l, b0, b1, grad, nullptr, gcoords + b0 * 3);
       }
-      return;
     }
-    backward_owned<TC, TE, kF>(a, grad, gtable, n);
-  }
-  if (gcoords != nullptr) {
-    run_threads(n, [&](int t) {
-      backward_points<TC, TE, kF, false, true>(a, a.m * t / n, a.m * (t + 1) / n, grad, nullptr, gcoords,
-                                               nullptr);
-    });
+  });
+}
+
+// Table gradient (and the position gradient when gcoords is set): whole levels per thread.
+template <typename TC, typename TE, int kF>
+void backward_levels(const Args<TC, TE>& a, const TE* grad, TE* gtable, TC* gcoords, int n) {
+  const int64_t size = a.m * 3;
+  std::unique_ptr<TC[]> per_level(gcoords != nullptr ? new TC[static_cast<size_t>(a.levels * size)] : nullptr);
+  std::atomic<int64_t> next{0};
+  run_threads(static_cast<int>(std::min<int64_t>(n, a.levels)), [&]() {
+    for (int64_t k = next.fetch_add(1); k < a.levels; k = next.fetch_add(1)) {
+      const int64_t l = a.levels - 1 - k;  // the finest levels first: hashed, they cost most
+      TC* gp = per_level ? per_level.get() + l * size : nullptr;
+      if (gp != nullptr) std::fill(gp, gp + size, TC(0));
+      for (int64_t b0 = 0; b0 < a.m; b0 += kBlock) {
+        const int64_t b1 = std::min(b0 + kBlock, a.m);
+        if (gp != nullptr) {
+          backward_level_points<TC, TE, kF, true, true>(a, l, b0, b1, grad, gtable, gp + b0 * 3);
+        } else {
+          backward_level_points<TC, TE, kF, true, false>(a, l, b0, b1, grad, gtable, nullptr);
+        }
+      }
+    }
+  });
+  if (!per_level) return;
+  const TC* buf = per_level.get();
+  for_chunks(a.m, n, [&](int64_t c0, int64_t c1) {  // sum over levels, in level order
+    for (int64_t i = c0 * 3; i < c1 * 3; ++i) gcoords[i] = buf[i];
+    for (int64_t l = 1; l < a.levels; ++l) {
+      const TC* src = buf + l * size;
+      for (int64_t i = c0 * 3; i < c1 * 3; ++i) gcoords[i] += src[i];
+    }
+  });
+}
+
+template <typename TC, typename TE, int kF>
+void backward(const Args<TC, TE>& a, const TE* grad, TE* gtable, TC* gcoords, int n) {
+  if (gtable != nullptr) {
+    backward_levels<TC, TE, kF>(a, grad, gtable, gcoords, n);
+  } else if (gcoords != nullptr) {
+    backward_positions<TC, TE, kF>(a, grad, gcoords, n);
   }
 }
 
@@ -364,14 +400,15 @@ bool make_args(Args<TC, TE>& a, const TC* coords, const TE* table, const int64_t
 template <typename TC, typename TE>
 int forward_entry(const TC* coords, const TE* table, const int64_t* res, const int64_t* off, int64_t m,
                   int64_t levels, int64_t feats, int64_t n_dense, int64_t log2, int64_t n_rows, TE* out,
-                  int n_threads) {
+                  int n_threads, int exact_threads) {
   Args<TC, TE> a;
   if (!make_args(a, coords, table, res, off, m, levels, feats, n_dense, log2, n_rows)) return 1;
+  const int n = thread_count(n_threads, m * levels * 3, exact_threads != 0);
   try {
     if (feats == 2) {  // the default; other widths take the loop over a runtime F
-      forward<TC, TE, 2>(a, out, n_threads);
+      forward<TC, TE, 2>(a, out, n);
     } else {
-      forward<TC, TE, 0>(a, out, n_threads);
+      forward<TC, TE, 0>(a, out, n);
     }
   } catch (...) {
     return 2;
@@ -382,17 +419,15 @@ int forward_entry(const TC* coords, const TE* table, const int64_t* res, const i
 template <typename TC, typename TE>
 int backward_entry(const TC* coords, const TE* table, const int64_t* res, const int64_t* off, int64_t m,
                    int64_t levels, int64_t feats, int64_t n_dense, int64_t log2, int64_t n_rows, const TE* grad,
-                   TE* gtable, TC* gcoords, int n_threads, int strategy) {
+                   TE* gtable, TC* gcoords, int n_threads, int exact_threads) {
   Args<TC, TE> a;
-  if (!make_args(a, coords, table, res, off, m, levels, feats, n_dense, log2, n_rows) || strategy < 0 ||
-      strategy > 2) {
-    return 1;
-  }
+  if (!make_args(a, coords, table, res, off, m, levels, feats, n_dense, log2, n_rows)) return 1;
+  const int n = thread_count(n_threads, m * levels * 3, exact_threads != 0);
   try {
     if (feats == 2) {
-      backward<TC, TE, 2>(a, n_rows, grad, gtable, gcoords, n_threads, strategy);
+      backward<TC, TE, 2>(a, grad, gtable, gcoords, n);
     } else {
-      backward<TC, TE, 0>(a, n_rows, grad, gtable, gcoords, n_threads, strategy);
+      backward<TC, TE, 0>(a, grad, gtable, gcoords, n);
     }
   } catch (...) {
     return 2;
@@ -409,22 +444,22 @@ int avatar_triplane_abi_version() { return 1; }
 // coords [M, 3], table [E = n_rows, F], res [L], off [L, 3] (int64), all contiguous.
 // Forward: out [M, 3, L, F] (written). Backward: grad [M, 3, L, F]; grad_table [E, F] is
 // accumulated into (skipped when null); grad_coords [M, 3] is written (skipped when null).
-// strategy: 0 auto, 1 partial tables, 2 ownership by (level, plane) (see the top of the file);
-// a forced strategy uses exactly n_threads threads. Both return 0, 1 on invalid sizes or a
-// layout that reaches outside the table (nothing written), 2 on an internal failure.
+// n_threads: at most that many threads, fewer on small inputs unless exact_threads is nonzero.
+// Both return 0, 1 on invalid sizes or a layout that reaches outside the table (nothing
+// written), 2 on an internal failure.
 #define AVATAR_TRIPLANE_ENTRIES(TC, TE, SUFFIX)                                                                  \
   int avatar_triplane_fwd_##SUFFIX(const TC* coords, const TE* table, const int64_t* res, const int64_t* off,    \
                                    int64_t m, int64_t levels, int64_t feats, int64_t n_dense, int64_t log2,     \
-                                   int64_t n_rows, TE* out, int n_threads) {                                    \
+                                   int64_t n_rows, TE* out, int n_threads, int exact_threads) {                 \
     return forward_entry<TC, TE>(coords, table, res, off, m, levels, feats, n_dense, log2, n_rows, out,         \
-                                 n_threads);                                                                    \
+                                 n_threads, exact_threads);                                                     \
   }                                                                                                             \
   int avatar_triplane_bwd_##SUFFIX(const TC* coords, const TE* table, const int64_t* res, const int64_t* off,    \
                                    int64_t m, int64_t levels, int64_t feats, int64_t n_dense, int64_t log2,     \
                                    int64_t n_rows, const TE* grad, TE* grad_table, TC* grad_coords,             \
-                                   int n_threads, int strategy) {                                               \
+                                   int n_threads, int exact_threads) {                                          \
     return backward_entry<TC, TE>(coords, table, res, off, m, levels, feats, n_dense, log2, n_rows, grad,       \
-                                  grad_table, grad_coords, n_threads, strategy);                                \
+                                  grad_table, grad_coords, n_threads, exact_threads);                           \
   }
 
 AVATAR_TRIPLANE_ENTRIES(float, float, f32)
