@@ -66,7 +66,10 @@ NGP_PRESETS: dict[str, dict[str, Any]] = {
         "smooth_audio_after": 1000,
         "checkpoint_every": 1000,
         "preview_every": 500,
-        "rays": 4096,
+        "rays": 2048,
+        "patch": 16,
+        "grid_warmup": 128,
+        "model": {"grid_resolution": 48},
     },
     "default": {
         "resolution": 512,

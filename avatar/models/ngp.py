@@ -146,9 +146,10 @@ class RadianceBranch(nn.Module):
         f = self.encoding.out_dim
         self.audio_dim, self.motion_dim = audio_dim, motion_dim
         self.attention = nn.Linear(f, audio_dim + motion_dim)
+        # One hidden layer for density and one for colour (instant-NGP's sizes): on a CPU the MLPs
+        # are most of a step, and the hash features carry the detail.
         self.density = nn.Sequential(
             nn.Linear(f + audio_dim + motion_dim, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, 1 + geo_features),
         )
         self.view_dependent = view_dependent
