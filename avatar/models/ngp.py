@@ -32,14 +32,14 @@ from avatar.models.audio import AudioConditioner, AudioEncoderConfig
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
 from avatar.models.interface import FrameCondition
 from avatar.models.talking_head import MOTION_FEATURES, MOUTH_TARGETS
-from avatar.render.raymarch import composite_rays, march_rays, ray_aabb
+from avatar.render.raymarch import RaySamples, composite_rays, march_rays, ray_aabb
 
 Box = tuple[tuple[float, float, float], tuple[float, float, float]]
 """(centre, half extent) of an axis-aligned box in world units."""
 
 
 def _face_encoding() -> TriPlaneConfig:
-    return TriPlaneConfig(n_levels=10, base_resolution=16, max_resolution=384, log2_hashmap_size=15)
+    return TriPlaneConfig(n_levels=8, base_resolution=16, max_resolution=256, log2_hashmap_size=15)
 
 
 def _mouth_encoding() -> TriPlaneConfig:
@@ -74,6 +74,9 @@ class NGPHeadConfig(Config):
     """Ray-marching steps across the box's diagonal: the step is ``diagonal / steps_per_box``."""
     max_samples: int = 256
     """At most this many samples per ray (after empty-space skipping)."""
+    stop_transmittance: float = 1e-3
+    """A ray stops once less than this much light gets through (early termination): 1e-3 leaves
+    at most a quarter of a grey level of the image behind the head unseen."""
     density_bias: float = -1.0
     """Added to the raw density before the exponential: at the start a ray through the whole box
     is about half transparent, so every cell gets gradients."""
@@ -158,15 +161,17 @@ class RadianceBranch(nn.Module):
             nn.Linear(hidden, 3),
         )
 
-    def forward(self, x: Tensor, audio: Tensor, motion: Optional[Tensor], dirs: Optional[Tensor] = None
-                ) -> tuple[Tensor, Tensor]:
-        """Raw density [S] and colour [S, 3] at positions ``x`` [S, 3] under one frame's condition
-        (``audio`` [C_a], ``motion`` [C_e] or None)."""
+    def forward(self, x: Tensor, audio: Tensor, motion: Optional[Tensor], dirs: Optional[Tensor] = None,
+                density_only: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Raw density [S] and colour [S, 3] (None with ``density_only``) at positions ``x`` [S, 3]
+        under one frame's condition (``audio`` [C_a], ``motion`` [C_e] or None)."""
         feats = self.encoding(x)  # [S, F]
         gates = torch.sigmoid(self.attention(feats))  # [S, C_a + C_e]
         conds = audio if motion is None or self.motion_dim == 0 else torch.cat([audio, motion])
         h = self.density(torch.cat([feats, gates * conds[None]], dim=-1))
         raw_sigma, geo = h[:, 0], h[:, 1:]
+        if density_only:
+            return raw_sigma, None
         if self.view_dependent:
             geo = torch.cat([geo, dirs if dirs is not None else torch.zeros_like(x)], dim=-1)
         return raw_sigma, torch.sigmoid(self.color(geo))
@@ -313,58 +318,80 @@ class NGPHead(nn.Module):
         return ((x >= self.mouth_aabb[:3]) & (x <= self.mouth_aabb[3:])).all(dim=-1)
 
     def fields(self, x: Tensor, cond: Optional[FrameCondition], dirs: Optional[Tensor] = None,
-               layers: tuple[str, ...] = ("mouth", "face")) -> tuple[Tensor, Tensor]:
-        """Density [S] (per world unit) and colour [S, 3] of both fields mixed by density.
-
-        The mouth field is evaluated only inside its box (elsewhere it is empty)."""
+               layers: tuple[str, ...] = ("mouth", "face"), density_only: bool = False
+               ) -> tuple[Tensor, Optional[Tensor]]:
+        """Density [S] (per world unit) and colour [S, 3] (None with ``density_only``) of both
+        fields mixed by density. The mouth field is evaluated only inside its box (elsewhere it
+        is empty)."""
         audio, motion = self._cond(cond, x)
         sigma = x.new_zeros(x.shape[0])
         weighted = x.new_zeros(x.shape[0], 3)
         if "face" in layers:
-            raw, rgb = self.face(x, audio, motion, dirs)
+            raw, rgb = self.face(x, audio, motion, dirs, density_only)
             sigma = trunc_exp(raw + self.config.density_bias) * self.density_scale
-            weighted = sigma[:, None] * rgb
+            if rgb is not None:
+                weighted = sigma[:, None] * rgb
         if "mouth" in layers:
             inside = torch.nonzero(self._in_mouth_box(x)).squeeze(1)
             if len(inside):
-                raw_m, rgb_m = self.mouth(x[inside], audio, None, None if dirs is None else dirs[inside])
+                raw_m, rgb_m = self.mouth(x[inside], audio, None, None if dirs is None else dirs[inside], density_only)
                 sigma_m = trunc_exp(raw_m + self.config.density_bias) * self.density_scale
                 sigma = sigma.index_add(0, inside, sigma_m)
-                weighted = weighted.index_add(0, inside, sigma_m[:, None] * rgb_m)
-        rgb = weighted / sigma.clamp_min(1e-8)[:, None]
-        return sigma, rgb
+                if rgb_m is not None:
+                    weighted = weighted.index_add(0, inside, sigma_m[:, None] * rgb_m)
+        if density_only:
+            return sigma, None
+        return sigma, weighted / sigma.clamp_min(1e-8)[:, None]
 
     def branch_density(self, name: str, x: Tensor, cond: Optional[FrameCondition]) -> Tensor:
         """Density [S] of one field alone (``face`` or ``mouth``), per world unit."""
-        audio, motion = self._cond(cond, x)
-        if name == "mouth":
-            sigma = x.new_zeros(x.shape[0])
-            inside = torch.nonzero(self._in_mouth_box(x)).squeeze(1)
-            if len(inside):
-                raw, _ = self.mouth(x[inside], audio, None)
-                sigma[inside] = trunc_exp(raw + self.config.density_bias) * self.density_scale
-            return sigma
-        raw, _ = self.face(x, audio, motion)
-        return trunc_exp(raw + self.config.density_bias) * self.density_scale
+        return self.fields(x, cond, layers=(name,), density_only=True)[0]
 
     def render_pixels(self, cond: Optional[FrameCondition], viewmat: Tensor, K: Tensor, xy: Tensor,
                       layers: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
         """March the rays of pixels ``xy`` [R, 2]: premultiplied ``rgb`` [R, 3], ``alpha`` [R],
-        ``depth`` [R] (expected distance along the ray, not normalised), ``samples`` (count)."""
+        ``depth`` [R] (expected distance along the ray, not normalised), ``samples`` (count) and,
+        when any, the samples (``ray_samples``) and their densities (``sigma`` [S]) for losses on
+        the weights."""
         origins, dirs = camera_rays(viewmat, K, xy)
         near, far = ray_aabb(origins, dirs, self.aabb)
         with torch.no_grad():
             samples = march_rays(origins, dirs, near, far, self.occupancy(), self.aabb, self.config.step_size,
                                  self.config.max_samples, implementation=self.implementation)
         n = len(xy)
+        if torch.is_grad_enabled() and samples.ts.numel():
+            samples = self._visible_samples(samples, cond, n, self.layers if layers is None else layers)
         if samples.ts.numel() == 0:
             zeros = origins.new_zeros(n)
             return {"rgb": origins.new_zeros(n, 3), "alpha": zeros, "depth": zeros, "samples": 0}
         view = dirs[samples.ray_ids] if self.config.view_dependent else None
         sigma, rgb = self.fields(samples.positions, cond, view, self.layers if layers is None else layers)
         color, opacity, depth = composite_rays(sigma, rgb, samples.deltas, samples.ts, samples.offsets,
-                                               implementation=self.implementation)
-        return {"rgb": color, "alpha": opacity, "depth": depth, "samples": int(samples.ts.numel())}
+                                               self.config.stop_transmittance, implementation=self.implementation)
+        return {"rgb": color, "alpha": opacity, "depth": depth, "samples": int(samples.ts.numel()),
+                "sigma": sigma, "ray_samples": samples}
+
+    @torch.no_grad()
+    def _visible_samples(self, samples: RaySamples, cond: Optional[FrameCondition], n_rays: int,
+                         layers: tuple[str, ...]) -> RaySamples:
+        """The samples compositing would not skip: those before each ray's early termination.
+
+        Why: the marcher cannot know where a ray will become opaque, so it hands over every sample
+        up to the box's far side (through the inside of the head). A density-only pass without
+        gradients costs a fifth of a training pass per sample, and after it the training pass
+        (forward and backward of both MLPs and the encodings) runs on the 30-50 % of samples
+        that count. The result is the same: compositing stops at the same sample.
+        """
+        sigma = self.fields(samples.positions, cond, None, layers, density_only=True)[0]
+        optical = (sigma * samples.deltas).double()
+        total = torch.cumsum(optical, dim=0)
+        before = torch.cat([total.new_zeros(1), total])[samples.offsets[:-1]]  # depth of earlier rays
+        transmittance = torch.exp(-(total - optical - before[samples.ray_ids]))
+        keep = transmittance >= self.config.stop_transmittance
+        counts = torch.bincount(samples.ray_ids[keep], minlength=n_rays)
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, dim=0)])
+        return RaySamples(ts=samples.ts[keep], deltas=samples.deltas[keep], ray_ids=samples.ray_ids[keep],
+                          offsets=offsets, positions=samples.positions[keep])
 
     def occupancy(self) -> Tensor:
         """[G, G, G] bool: cells the marcher samples. A cell is occupied while never measured, when
@@ -404,7 +431,7 @@ class NGPHead(nn.Module):
         x = lo + (ix + jitter) / g * (hi - lo)
         new = torch.zeros(len(cells), device=lo.device)
         for cond in conds:
-            sigma, _ = self.fields(x, cond)
+            sigma, _ = self.fields(x, cond, density_only=True)
             new = torch.maximum(new, sigma)
         flat = self.density_grid.view(-1)
         old = flat[cells]

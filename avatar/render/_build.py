@@ -27,8 +27,9 @@ from typing import Sequence
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 """Flags of every CPU kernel."""
 
-NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--use_fast_math")
-"""Flags of every CUDA kernel (one shared library per ``.cu`` file)."""
+NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--use_fast_math", "-arch=native")
+"""Flags of every CUDA kernel (one shared library per ``.cu`` file); ``-arch=native``: built where it
+runs (only once torch sees a GPU), for that GPU's own instructions."""
 
 CUDA_SOURCE_DIR = Path(__file__).resolve().parents[2] / "cuda_ext"
 """``cuda_ext/`` of a source checkout (or an editable install), where the CUDA sources live."""

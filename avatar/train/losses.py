@@ -108,3 +108,36 @@ def mouth_batch_picks(n: int, batch: int, generator: torch.Generator) -> Tensor:
     run = min(MOUTH_RUN, n, batch)
     starts = torch.randint(n - run + 1, (-(-batch // run),), generator=generator)  # ceil(batch / run) runs
     return (starts[:, None] + torch.arange(run)).reshape(-1)[:batch]
+
+
+def distortion_loss(weights: Tensor, ts: Tensor, deltas: Tensor, offsets: Tensor) -> Tensor:
+    """mip-NeRF 360's distortion loss of packed ray samples, summed per ray and averaged over rays.
+
+    ``sum_ij w_i w_j |t_i - t_j| + 1/3 sum_i w_i^2 delta_i`` pulls each ray's weights together
+    into one short interval: a surface rather than fog. On a CPU that is speed as much as quality,
+    since a ray stops (early termination) a few samples after it meets a surface, and wanders
+    through fog to its end.
+
+    The pairwise term is computed in O(S) with prefix sums within each ray (samples are sorted by
+    ``t`` along their ray): ``2 sum_i w_i (t_i W_<i - (wt)_<i)``.
+
+    Args:
+        weights: compositing weights (:func:`avatar.render.raymarch.composite_weights`). [S]
+        ts, deltas: sample centres and lengths along their rays. [S]
+        offsets: samples of ray r are ``offsets[r]:offsets[r + 1]``. [R + 1]
+    """
+    n_rays = offsets.shape[0] - 1
+    if weights.numel() == 0 or n_rays == 0:
+        return weights.sum() * 0.0
+    counts = offsets.diff()
+    ray = torch.repeat_interleave(torch.arange(n_rays, device=weights.device), counts)
+
+    def exclusive_in_ray(values: Tensor) -> Tensor:
+        total = torch.cumsum(values, dim=0)
+        before_ray = torch.cat([total.new_zeros(1), total])[offsets[:-1]]  # sum of earlier rays' samples
+        return total - values - before_ray[ray]
+
+    wt = weights * ts
+    pairwise = 2.0 * (weights * (ts * exclusive_in_ray(weights) - exclusive_in_ray(wt))).sum()
+    own = (weights.square() * deltas).sum() / 3.0
+    return (pairwise + own) / n_rays

@@ -27,10 +27,12 @@ from avatar.errors import AvatarError
 from avatar.image_metrics import dssim_loss
 from avatar.models.gaussians import GaussianInitConfig
 from avatar.models.ngp import NGPHead, NGPHeadConfig, fit_ngp_boxes
+from avatar.render.raymarch import composite_weights
 from avatar.run import discard_checkpoints_after, load_checkpoint, model_state, optimizer_state, save_checkpoint
 from avatar.subject_data import Frame
 from avatar.train.base import TrainerBase, initial_head
 from avatar.train.config import BaseTrainConfig
+from avatar.train.losses import distortion_loss
 
 
 @dataclass
@@ -50,10 +52,13 @@ class NGPLossWeights(Config):
     """Squared error of the composited pixels (NeRF's loss)."""
     dssim: float = 0.1
     """D-SSIM on the two patches."""
-    alpha: float = 0.05
+    alpha: float = 0.2
     """L1 between the head's alpha and the head mask (face, hair, mouth labels)."""
     audio_mouth: float = 1.0
     """The audio code's mouth read-out (as in the Gaussian kind, see its ``LossWeights``)."""
+    distortion: float = 0.0
+    """mip-NeRF 360's distortion loss on the rays' weights (:func:`avatar.train.losses.distortion_loss`),
+    with distances in units of the head box's half extent."""
 
 
 @dataclass
@@ -228,6 +233,13 @@ class NGPTrainer(TrainerBase):
             alpha = (out["alpha"] - frame.head_mask[rows, cols, 0]).abs().mean()
             loss = loss + cfg.loss.alpha * alpha
             parts["alpha"] = float(alpha.detach())
+        if cfg.loss.distortion > 0 and "ray_samples" in out:
+            s = out["ray_samples"]
+            weights = composite_weights(out["sigma"], s.deltas, s.offsets, self.model.config.stop_transmittance)
+            scale = self.model.density_scale
+            distortion = distortion_loss(weights, s.ts * scale, s.deltas * scale, s.offsets)
+            loss = loss + cfg.loss.distortion * distortion
+            parts["distortion"] = float(distortion.detach())
         mouth = self.mouth_loss()
         if mouth is not None:
             loss = loss + cfg.loss.audio_mouth * mouth

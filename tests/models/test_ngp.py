@@ -152,3 +152,19 @@ def test_config_round_trips_and_refuses_nonsense():
     assert NGPHeadConfig.from_dict(model.config.to_dict()) == model.config
     with pytest.raises(ValueError, match="grid_resolution"):
         NGPHeadConfig(grid_resolution=0)
+
+
+def test_training_marches_only_what_compositing_keeps_and_renders_the_same():
+    model = _model()
+    with torch.no_grad():
+        model.face.density[-1].bias[0] = 4.0  # a dense head: rays stop early
+    viewmat, K = _camera()
+    cond = _cond(model)
+    ys, xs = torch.meshgrid(torch.arange(4, 28), torch.arange(4, 28), indexing="ij")
+    xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+    with torch.no_grad():
+        everything = model.render_pixels(cond, viewmat, K, xy)
+    trimmed = model.render_pixels(cond, viewmat, K, xy)  # grad enabled: the occluded samples are dropped
+    assert trimmed["samples"] < 0.7 * everything["samples"]
+    for key in ("rgb", "alpha", "depth"):
+        torch.testing.assert_close(trimmed[key].detach(), everything[key], atol=2e-5, rtol=1e-4)

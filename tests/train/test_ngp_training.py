@@ -110,3 +110,24 @@ def test_rays_hold_two_patches_and_stay_in_the_image(small_subject):
     x0, y0, x1, y1 = frame.mouth_box
     centre = patch.float().mean(dim=(0, 1))
     assert x0 - 8 <= float(centre[0]) <= x1 + 8 and y0 - 8 <= float(centre[1]) <= y1 + 8, "the first patch is on the mouth"
+
+
+def test_distortion_loss_equals_its_pairwise_definition():
+    from avatar.train.losses import distortion_loss
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    ts = torch.cat([torch.sort(torch.rand(int(c), generator=g, dtype=torch.float64))[0] for c in counts])
+    deltas = torch.full_like(ts, 0.05)
+    weights = torch.rand(len(ts), generator=g, dtype=torch.float64)
+    expected = 0.0
+    for r in range(len(counts)):
+        w, t, d = (x[offsets[r]:offsets[r + 1]] for x in (weights, ts, deltas))
+        expected += float((w[:, None] * w[None] * (t[:, None] - t[None]).abs()).sum() + (w.square() * d).sum() / 3)
+    assert float(distortion_loss(weights, ts, deltas, offsets)) == pytest.approx(expected / len(counts), rel=1e-12)
+    # One sharp peak costs less than the same weight spread along the ray.
+    t = torch.linspace(0, 1, 10, dtype=torch.float64)
+    spread = distortion_loss(torch.full((10,), 0.1, dtype=torch.float64), t, torch.full((10,), 0.1), torch.tensor([0, 10]))
+    peak = distortion_loss(torch.eye(10, dtype=torch.float64)[4], t, torch.full((10,), 0.1), torch.tensor([0, 10]))
+    assert float(peak) < float(spread)
