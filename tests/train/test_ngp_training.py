@@ -131,3 +131,28 @@ def test_distortion_loss_equals_its_pairwise_definition():
     spread = distortion_loss(torch.full((10,), 0.1, dtype=torch.float64), t, torch.full((10,), 0.1), torch.tensor([0, 10]))
     peak = distortion_loss(torch.eye(10, dtype=torch.float64)[4], t, torch.full((10,), 0.1), torch.tensor([0, 10]))
     assert float(peak) < float(spread)
+
+
+def test_the_viewer_serves_an_ngp_run(ngp_run):
+    import urllib.request
+
+    import cv2
+    import numpy as np
+
+    from avatar.viewer import start
+
+    running = start(ngp_run, host="127.0.0.1", port=0, device="cpu")
+    try:
+        def frame(query: str) -> np.ndarray:
+            with urllib.request.urlopen(f"{running.url}api/frame?session=s&{query}", timeout=60) as r:
+                assert r.status == 200
+                return cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR).astype(np.float32)
+
+        head = frame("t=0.5&face=1&mouth=1&background=0")
+        flat = frame("face=0&mouth=0&background=0")
+        dotted = frame("face=1&mouth=1&background=0&points=1")
+        assert head.shape == (64, 64, 3) and flat.std() < 2.0
+        assert np.abs(head - flat).max() > 10, "the head is drawn"
+        assert np.abs(dotted - head).max() > 50, "the occupied cells are drawn as points"
+    finally:
+        running.stop()
