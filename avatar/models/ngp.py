@@ -74,6 +74,8 @@ class NGPHeadConfig(Config):
     """Ray-marching steps across the box's diagonal: the step is ``diagonal / steps_per_box``."""
     max_samples: int = 256
     """At most this many samples per ray (after empty-space skipping)."""
+    round_samples: int = 16
+    """Samples per ray and round when rendering (rays that became opaque drop out between rounds)."""
     stop_transmittance: float = 1e-3
     """A ray stops once less than this much light gets through (early termination): 1e-3 leaves
     at most a quarter of a grey level of the image behind the head unseen."""
@@ -82,7 +84,7 @@ class NGPHeadConfig(Config):
     is about half transparent, so every cell gets gradients."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "geo_features", "grid_resolution", "steps_per_box", "max_samples"):
+        for name in ("hidden", "geo_features", "grid_resolution", "steps_per_box", "max_samples", "round_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"NGPHeadConfig.{name}: expected a positive integer, got {value!r}")
@@ -348,28 +350,73 @@ class NGPHead(nn.Module):
         return self.fields(x, cond, layers=(name,), density_only=True)[0]
 
     def render_pixels(self, cond: Optional[FrameCondition], viewmat: Tensor, K: Tensor, xy: Tensor,
-                      layers: Optional[tuple[str, ...]] = None) -> dict[str, Tensor]:
+                      layers: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
         """March the rays of pixels ``xy`` [R, 2]: premultiplied ``rgb`` [R, 3], ``alpha`` [R],
-        ``depth`` [R] (expected distance along the ray, not normalised), ``samples`` (count) and,
-        when any, the samples (``ray_samples``) and their densities (``sigma`` [S]) for losses on
-        the weights."""
+        ``depth`` [R] (expected distance along the ray, not normalised) and ``samples`` (count).
+
+        With gradients (training), every sample is marched at once and the ones behind each
+        ray's termination are dropped before the fields run (:meth:`_visible_samples`); the
+        samples (``ray_samples``) and their densities (``sigma`` [S]) come back for losses on the
+        weights. Without (rendering), rays are marched a few samples at a time and dropped as they
+        become opaque (:meth:`_march_in_rounds`), which differs from the one-pass result by less
+        than ``stop_transmittance``.
+        """
         origins, dirs = camera_rays(viewmat, K, xy)
         near, far = ray_aabb(origins, dirs, self.aabb)
+        layers = self.layers if layers is None else layers
+        if not torch.is_grad_enabled():
+            return self._march_in_rounds(cond, origins, dirs, near, far, layers)
         with torch.no_grad():
             samples = march_rays(origins, dirs, near, far, self.occupancy(), self.aabb, self.config.step_size,
                                  self.config.max_samples, implementation=self.implementation)
-        n = len(xy)
-        if torch.is_grad_enabled() and samples.ts.numel():
-            samples = self._visible_samples(samples, cond, n, self.layers if layers is None else layers)
+            n = len(xy)
+            if samples.ts.numel():
+                samples = self._visible_samples(samples, cond, n, layers)
         if samples.ts.numel() == 0:
             zeros = origins.new_zeros(n)
             return {"rgb": origins.new_zeros(n, 3), "alpha": zeros, "depth": zeros, "samples": 0}
         view = dirs[samples.ray_ids] if self.config.view_dependent else None
-        sigma, rgb = self.fields(samples.positions, cond, view, self.layers if layers is None else layers)
+        sigma, rgb = self.fields(samples.positions, cond, view, layers)
         color, opacity, depth = composite_rays(sigma, rgb, samples.deltas, samples.ts, samples.offsets,
                                                self.config.stop_transmittance, implementation=self.implementation)
         return {"rgb": color, "alpha": opacity, "depth": depth, "samples": int(samples.ts.numel()),
                 "sigma": sigma, "ray_samples": samples}
+
+    @torch.no_grad()
+    def _march_in_rounds(self, cond: Optional[FrameCondition], origins: Tensor, dirs: Tensor, near: Tensor,
+                         far: Tensor, layers: tuple[str, ...]) -> dict[str, Any]:
+        """Render rays ``round_samples`` samples at a time, keeping only the rays still
+        transparent (instant-NGP's inference loop): a ray that meets the face stops a few samples
+        later instead of being marched through the whole head. Each round continues a ray on the
+        same lattice of ``t`` (``near`` moves to half a step after its last sample)."""
+        n = origins.shape[0]
+        color, depth = origins.new_zeros(n, 3), origins.new_zeros(n)
+        transmittance = origins.new_ones(n)
+        start = near.clone()
+        alive = torch.nonzero(far > near).squeeze(1)
+        occupancy, step, per_round = self.occupancy(), self.config.step_size, self.config.round_samples
+        total = 0
+        for _ in range(-(-self.config.max_samples // per_round)):
+            if alive.numel() == 0:
+                break
+            samples = march_rays(origins[alive], dirs[alive], start[alive], far[alive], occupancy, self.aabb, step,
+                                 per_round, implementation=self.implementation)
+            if samples.ts.numel() == 0:
+                break
+            view = dirs[alive][samples.ray_ids] if self.config.view_dependent else None
+            sigma, rgb = self.fields(samples.positions, cond, view, layers)
+            c, a, d = composite_rays(sigma, rgb, samples.deltas, samples.ts, samples.offsets, 0.0,
+                                     implementation=self.implementation)
+            t_alive = transmittance[alive]
+            color[alive] += t_alive[:, None] * c
+            depth[alive] += t_alive * d
+            transmittance[alive] = t_alive * (1 - a)
+            total += samples.ts.numel()
+            counts = samples.offsets.diff()
+            last = samples.ts[(samples.offsets[1:] - 1).clamp_min(0)]
+            start[alive] = torch.where(counts > 0, last + step / 2, start[alive])
+            alive = alive[(counts == per_round) & (transmittance[alive] >= self.config.stop_transmittance)]
+        return {"rgb": color, "alpha": 1 - transmittance, "depth": depth, "samples": total}
 
     @torch.no_grad()
     def _visible_samples(self, samples: RaySamples, cond: Optional[FrameCondition], n_rays: int,

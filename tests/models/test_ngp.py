@@ -166,5 +166,22 @@ def test_training_marches_only_what_compositing_keeps_and_renders_the_same():
         everything = model.render_pixels(cond, viewmat, K, xy)
     trimmed = model.render_pixels(cond, viewmat, K, xy)  # grad enabled: the occluded samples are dropped
     assert trimmed["samples"] < 0.7 * everything["samples"]
+    for key in ("rgb", "alpha", "depth"):  # rendering (in rounds) differs by less than stop_transmittance
+        torch.testing.assert_close(trimmed[key].detach(), everything[key], atol=2e-3, rtol=0)
+
+
+def test_rendering_in_rounds_equals_marching_every_sample_at_once():
+    model = _model()
+    with torch.no_grad():
+        model.face.density[-1].bias[0] = 2.0
+    model.config = dataclasses.replace(model.config, round_samples=3, stop_transmittance=0.0)
+    viewmat, K = _camera()
+    cond = _cond(model)
+    ys, xs = torch.meshgrid(torch.arange(2, 30), torch.arange(2, 30), indexing="ij")
+    xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+    with torch.no_grad():
+        rounds = model.render_pixels(cond, viewmat, K, xy)
+    once = model.render_pixels(cond, viewmat, K, xy)  # all samples in one pass (nothing stops: threshold 0)
+    assert rounds["samples"] == once["samples"] > 0
     for key in ("rgb", "alpha", "depth"):
-        torch.testing.assert_close(trimmed[key].detach(), everything[key], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(rounds[key], once[key].detach(), atol=1e-5, rtol=1e-4)
