@@ -5,11 +5,12 @@ Cases:
               work dir): the issue's memory case
   SUBJECT     any preprocessed subject directory
 
-Each case runs ``avatar train CASE -o RUN --preset P [--iters N]`` in a child process, after
+Each case runs ``avatar train CASE -o RUN --model M --preset P [--iters N]`` in a child process, after
 deleting the subject's frame cache at the training size so that building it is measured too,
 and reports the child's wall time and peak resident memory with the run's metrics.json.
 
-Usage: python benchmarks/train.py [CASE ...] [--preset fast] [--iters N] [--device cpu] [--workdir DIR]
+Usage: python benchmarks/train.py [CASE ...] [--model gaussian|ngp] [--preset fast] [--iters N] [--device cpu]
+                                  [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def _long_subject(work: Path) -> Path:
 def _run_case(name: str, subject: Path, work: Path, args: argparse.Namespace) -> dict:
     from avatar.configs.presets import preset_overrides
 
-    resolution = preset_overrides(args.preset).get("resolution", 256)
+    resolution = preset_overrides(args.preset, args.model).get("resolution", 256)
     for cached in (subject / ".cache").glob(f"*_{resolution}.u8"):
         cached.unlink()
-    run = work / f"run_{name}_{args.preset}"
+    run = work / f"run_{name}_{args.model}_{args.preset}"
     shutil.rmtree(run, ignore_errors=True)
-    cmd = avatar_cmd("-v", "train", str(subject), "-o", str(run), "--preset", args.preset, "--device", args.device)
+    cmd = avatar_cmd("-v", "train", str(subject), "-o", str(run), "--model", args.model, "--preset", args.preset,
+                     "--device", args.device)
     if args.iters:
         cmd += ["--iters", str(args.iters)]
     wall, peak_mb = run_measured(cmd, f"train {name}", work / f"train_{name}_{args.preset}.log")
@@ -51,6 +53,7 @@ def _run_case(name: str, subject: Path, work: Path, args: argparse.Namespace) ->
         "case": name,
         "subject": str(subject),
         "subject_frames": manifest["n_frames"],
+        "model": args.model,
         "preset": args.preset,
         "resolution": resolution,
         "seconds": round(wall, 1),
@@ -63,6 +66,7 @@ def _run_case(name: str, subject: Path, work: Path, args: argparse.Namespace) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", default=["long180"])
+    parser.add_argument("--model", default="gaussian", choices=("gaussian", "ngp"))
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--iters", type=int, default=0, help="Training iterations (0: the preset's).")
     parser.add_argument("--device", default="cpu")
