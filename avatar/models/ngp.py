@@ -170,7 +170,12 @@ class RadianceBranch(nn.Module):
         feats = self.encoding(x)  # [S, F]
         gates = torch.sigmoid(self.attention(feats))  # [S, C_a + C_e]
         conds = audio if motion is None or self.motion_dim == 0 else torch.cat([audio, motion])
-        h = self.density(torch.cat([feats, gates * conds[None]], dim=-1))
+        # The first layer of [f, gates * conds]: one frame's conds fold into the weights
+        # (W_c diag(conds)), so no [S, F + C] input is built.
+        first, n_feats = self.density[0], feats.shape[1]
+        h = nn.functional.linear(feats, first.weight[:, :n_feats], first.bias)
+        h = h + nn.functional.linear(gates, first.weight[:, n_feats:] * conds[None])
+        h = self.density[2](torch.relu_(h))
         raw_sigma, geo = h[:, 0], h[:, 1:]
         if density_only:
             return raw_sigma, None

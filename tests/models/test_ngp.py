@@ -185,3 +185,15 @@ def test_rendering_in_rounds_equals_marching_every_sample_at_once():
     assert rounds["samples"] == once["samples"] > 0
     for key in ("rgb", "alpha", "depth"):
         torch.testing.assert_close(rounds[key], once[key].detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_region_attention_gates_each_condition_channel_by_position():
+    model = _model()
+    branch, cond = model.face, _cond(model)
+    x = torch.randn(50, 3) * 0.05
+    raw, rgb = branch(x, cond.audio, cond.motion)
+    feats = branch.encoding(x)
+    gates = torch.sigmoid(branch.attention(feats))
+    reference = branch.density(torch.cat([feats, gates * torch.cat([cond.audio, cond.motion])[None]], dim=-1))
+    torch.testing.assert_close(raw, reference[:, 0])
+    torch.testing.assert_close(rgb, torch.sigmoid(branch.color(reference[:, 1:])))
