@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from avatar.configs import Config
-from avatar.models.audio import AudioConditioner, AudioEncoderConfig
+from avatar.models.audio import AudioEncoderConfig
+from avatar.models.conditioning import SpeechConditioned
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
 from avatar.models.interface import FrameCondition
 from avatar.models.talking_head import MOTION_FEATURES, MOUTH_TARGETS
@@ -195,7 +196,7 @@ def camera_rays(viewmat: Tensor, K: Tensor, xy: Tensor) -> tuple[Tensor, Tensor]
     return centre.expand_as(dirs), dirs
 
 
-class NGPHead(nn.Module):
+class NGPHead(SpeechConditioned):
     """Audio conditioning + face and mouth-interior radiance fields + an occupancy grid.
 
     Implements :class:`avatar.models.interface.AvatarModel` (kind ``ngp``).
@@ -205,10 +206,8 @@ class NGPHead(nn.Module):
     layers = ("mouth", "face")
 
     def __init__(self, config: NGPHeadConfig):
-        super().__init__()
+        super().__init__(config.audio, config.mouth_targets)
         self.config = config
-        self.audio = AudioConditioner(config.audio)
-        self.mouth_readout = nn.Linear(config.audio.code_dim, len(config.mouth_targets)) if config.mouth_targets else None
         c_a, c_e = config.audio.code_dim, len(config.motion_features)
         self.face = RadianceBranch(config.face_encoding, c_a, c_e, config.hidden, config.geo_features,
                                    config.view_dependent)
@@ -240,23 +239,6 @@ class NGPHead(nn.Module):
         return model
 
     # -- the AvatarModel interface ------------------------------------------------------------
-
-    @property
-    def motion_features(self) -> tuple[str, ...]:
-        return tuple(self.config.motion_features)
-
-    def audio_codes(self, features: Tensor, indices: Tensor, smooth: bool = True) -> Tensor:
-        return self.audio(features, indices, smooth=smooth)[0]
-
-    def predict_mouth(self, codes: Tensor) -> Tensor:
-        """The mouth tracks that audio codes [B, C] predict: [B, K] (see the Gaussian kind)."""
-        if self.mouth_readout is None:
-            raise ValueError("this avatar has no mouth read-out (its config lists no mouth_targets)")
-        return self.mouth_readout(codes)
-
-    def conditions(self, features: Tensor, indices: Tensor, motion: Tensor, smooth: bool = True) -> list[FrameCondition]:
-        codes, _ = self.audio(features, indices, smooth=smooth)
-        return [FrameCondition(codes[b], motion[b]) for b in range(len(indices))]
 
     def head_center(self) -> Tensor:
         return (self.aabb[:3] + self.aabb[3:]) / 2

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from avatar.configs import Config
-from avatar.models.audio import AudioConditioner, AudioEncoderConfig
+from avatar.models.audio import AudioEncoderConfig
+from avatar.models.conditioning import SpeechConditioned
 from avatar.models.deformation import (
     FaceDeformationConfig,
     MouthDeformationConfig,
@@ -127,7 +128,7 @@ class LayerGaussians:
                               pick(self.opacities, 1), self.colors)
 
 
-class TalkingHead(nn.Module):
+class TalkingHead(SpeechConditioned):
     """Canonical Gaussians + audio conditioning + face and mouth deformation networks.
 
     Implements :class:`avatar.models.interface.AvatarModel` (kind ``gaussian``).
@@ -137,14 +138,10 @@ class TalkingHead(nn.Module):
     layers = ("mouth", "face")
 
     def __init__(self, config: TalkingHeadConfig, n_face: int, n_mouth: int):
-        super().__init__()
+        super().__init__(config.audio, config.mouth_targets)
         self.config = config
         self.face = GaussianSet.empty(n_face, config.sh_degree)
         self.mouth = GaussianSet.empty(n_mouth, config.sh_degree)
-        self.audio = AudioConditioner(config.audio)
-        # What the audio code says about the mouth: trained against the tracked mouth, so that the
-        # code carries mouth shape rather than the features that tell one voice's frames apart.
-        self.mouth_readout = nn.Linear(config.audio.code_dim, len(config.mouth_targets)) if config.mouth_targets else None
         self.face_deform = config.face.setup()
         self.mouth_deform = config.mouth.setup()
 
@@ -166,24 +163,6 @@ class TalkingHead(nn.Module):
         model = cls(config, n_face=state["face.means"].shape[0], n_mouth=state["mouth.means"].shape[0])
         model.load_state_dict(state)
         return model
-
-    @property
-    def motion_features(self) -> tuple[str, ...]:
-        return tuple(self.config.motion_features)
-
-    def audio_codes(self, features: Tensor, indices: Tensor, smooth: bool = True) -> Tensor:
-        return self.audio(features, indices, smooth=smooth)[0]
-
-    def predict_mouth(self, codes: Tensor) -> Tensor:
-        """The mouth tracks (standardised, in ``config.mouth_targets`` order) that audio codes [B, C]
-        predict: [B, K].
-
-        Raises:
-            ValueError: the model has no read-out (``mouth_targets`` is empty).
-        """
-        if self.mouth_readout is None:
-            raise ValueError("this avatar has no mouth read-out (its config lists no mouth_targets)")
-        return self.mouth_readout(codes)
 
     def head_center(self) -> Tensor:
         return self.face.means.detach().mean(dim=0)
@@ -210,11 +189,6 @@ class TalkingHead(nn.Module):
     def network_parameters(self) -> list[nn.Parameter]:
         readout = [] if self.mouth_readout is None else list(self.mouth_readout.parameters())
         return [*self.audio.parameters(), *readout, *self.face_deform.parameters(), *self.mouth_deform.parameters()]
-
-    def conditions(self, features: Tensor, indices: Tensor, motion: Tensor, smooth: bool = True) -> list[FrameCondition]:
-        """Conditions of B frames from the sequence's audio features [T, W, D] and motion tracks [B, E]."""
-        codes, _ = self.audio(features, indices, smooth=smooth)
-        return [FrameCondition(codes[b], motion[b]) for b in range(len(indices))]
 
     def _colors(self, gaussians: GaussianSet) -> Tensor:
         if self.config.sh_degree == 0:

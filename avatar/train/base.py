@@ -17,7 +17,7 @@ from avatar.errors import AvatarError
 from avatar.models import FrameCondition
 from avatar.models.gaussians import GaussianInitConfig, HeadInit, init_head
 from avatar.progress import Progress, null_progress
-from avatar.run import RunPaths, find_subject, write_config
+from avatar.run import RunPaths, discard_checkpoints_after, find_subject, load_checkpoint, write_config
 from avatar.subject_data import HEAD_LABELS, SubjectData
 from avatar.train.config import BaseTrainConfig
 from avatar.train.losses import mouth_batch_picks, mouth_readout_loss
@@ -63,6 +63,20 @@ class TrainerBase:
         """Train frames with a tracked mouth: where the read-out loss is taken."""
         self.step = 0
         self.sampler = torch.Generator().manual_seed(config.seed)
+
+    def start(self, resume: bool) -> tuple[Optional[dict[str, Tensor]], Optional[dict[str, Any]]]:
+        """Seed the random generators and, when resuming a run that has a checkpoint, load the
+        newest complete one (dropping newer broken ones): its tensors and JSON, or (None, None) for
+        a run that starts at step 0."""
+        torch.manual_seed(self.config.seed)
+        self.sampler = torch.Generator().manual_seed(self.config.seed)
+        self.step = 0
+        if not resume or self.paths.latest_checkpoint() is None:  # none yet: start the run at step 0
+            return None, None
+        tensors, meta = load_checkpoint(self.paths)  # the newest complete one (broken newer ones: warned)
+        self.step = int(meta["step"])
+        discard_checkpoints_after(self.paths, self.step)
+        return tensors, meta
 
     def save_config(self) -> None:
         write_config(self.paths.root, self.config.to_dict())

@@ -28,7 +28,7 @@ from avatar.image_metrics import dssim_loss
 from avatar.models.gaussians import GaussianInitConfig
 from avatar.models.ngp import NGPHead, NGPHeadConfig, fit_ngp_boxes
 from avatar.render.raymarch import composite_weights
-from avatar.run import discard_checkpoints_after, load_checkpoint, model_state, optimizer_state, save_checkpoint
+from avatar.run import model_state, optimizer_state, save_checkpoint
 from avatar.subject_data import Frame
 from avatar.train.base import TrainerBase, initial_head
 from avatar.train.config import BaseTrainConfig
@@ -145,15 +145,9 @@ class NGPTrainer(TrainerBase):
 
     def setup(self, resume: bool) -> None:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.sampler = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        tensors = meta = None
-        resume = resume and self.paths.latest_checkpoint() is not None
+        tensors, meta = self.start(resume)
+        resume = tensors is not None
         if resume:
-            tensors, meta = load_checkpoint(self.paths)
-            self.step = int(meta["step"])
-            discard_checkpoints_after(self.paths, self.step)
             try:
                 self.model = NGPHead.from_state_dict(cfg.model, model_state(tensors)).to(self.device)
             except (KeyError, RuntimeError) as err:

@@ -38,8 +38,6 @@ from avatar.models import TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
 from avatar.run import (
     RunPaths,
-    discard_checkpoints_after,
-    load_checkpoint,
     model_kind_of,
     model_state,
     optimizer_state,
@@ -222,15 +220,9 @@ class _Trainer(TrainerBase):
 
     def setup(self, resume: bool) -> None:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.sampler = torch.Generator().manual_seed(cfg.seed)
-        self.step = 0
-        tensors = meta = None
-        resume = resume and self.paths.latest_checkpoint() is not None  # none yet: start the run at step 0
+        tensors, meta = self.start(resume)
+        resume = tensors is not None
         if resume:
-            tensors, meta = load_checkpoint(self.paths)  # the newest complete one (broken newer ones: warned)
-            self.step = int(meta["step"])
-            discard_checkpoints_after(self.paths, self.step)
             self.model = _model_from_checkpoint(cfg.model, tensors, self.paths, self.step).to(self.device)
         else:
             self.model = _initial_model(self.data, cfg).to(self.device)
