@@ -1,6 +1,7 @@
-"""Training a talking Gaussian head on a subject.
+"""Training a talking head on a subject: the loop every model kind shares (:func:`train`), and the
+Gaussian kind's trainer (the NGP kind's is :mod:`avatar.train.ngp_trainer`).
 
-Stages follow the anchors, as iteration counts of the preset:
+Stages of the Gaussian kind follow the anchors, as iteration counts of the preset:
 
 1. static (``static_iterations``): the canonical Gaussians alone learn the average head;
 2. deform: the face and mouth branches learn audio- and eye-driven offsets, the audio encoder
@@ -45,7 +46,6 @@ from avatar.run import (
     resolve_device,
     save_checkpoint,
     subject_reference,
-    write_config,
 )
 from avatar.subject import SubjectPaths, read_manifest
 from avatar.subject_data import COMPOSITES, SubjectData
@@ -123,10 +123,6 @@ def check_config(config: TrainConfig) -> None:
     minutes = config.checkpoint_minutes
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 <= minutes < math.inf:
         raise AvatarError(f"checkpoint_minutes must be a number of minutes >= 0 (0: off), got {minutes!r}.")
-
-
-def save_config(paths: RunPaths, config: TrainConfig) -> None:
-    write_config(paths.root, config.to_dict())
 
 
 def load_config(run_dir: Path | str) -> Any:
