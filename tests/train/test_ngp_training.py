@@ -156,3 +156,16 @@ def test_the_viewer_serves_an_ngp_run(ngp_run):
         assert np.abs(dotted - head).max() > 50, "the occupied cells are drawn as points"
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("preset", ["fast", "default", "best"])
+def test_every_ngp_preset_builds_its_model(preset):
+    from avatar.models.ngp import NGPHead
+    from avatar.train import NGPTrainConfig, make_config
+
+    config = make_config(preset, kind="ngp")
+    assert isinstance(config, NGPTrainConfig) and config.model_kind == "ngp"
+    assert NGPTrainConfig.from_dict(config.to_dict()) == config
+    assert sum(p.numel() for p in NGPHead(config.model).parameters()) > 0
+    with pytest.raises(ValueError, match="model kind"):
+        make_config(preset, kind="nerf")
