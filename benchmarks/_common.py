@@ -22,6 +22,24 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
 
 
+def machine_info() -> dict:
+    """The CPU's model name, its cores, torch's threads and versions, and the GPU when there is one:
+    what a kernel timing depends on."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def work_dir(path: Optional[Path], prefix: str = "avatar-bench-") -> Path:
     """``path`` (created if missing), or a fresh temporary directory when it is None."""
     work = path or Path(tempfile.mkdtemp(prefix=prefix))

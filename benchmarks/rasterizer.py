@@ -27,7 +27,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _common import machine_info
 
 from avatar.render import _cpu_kernel, rasterize
 
@@ -127,24 +127,6 @@ def load_dense() -> Callable:
     return module.render_dense
 
 
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="timed runs per figure")
@@ -194,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {
         "benchmark": "rasterizer",
-        "machine": machine(),
+        "machine": machine_info(),
         "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "note": "*_ms: median, *_min_ms: fastest of the runs; forward_backward = rasterize + "
                 "backward to all inputs; other processes may share the CPU (see load average)",

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
+from _common import machine_info
 
 from avatar.render import _raymarch_kernels
 from avatar.render.raymarch import composite_rays, march_rays, ray_aabb
@@ -145,22 +144,6 @@ def run(device: torch.device, impls: list[str], n_rays: int, grid: int, reps: in
     return rows
 
 
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7, help="timed runs per figure")
@@ -182,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(json.dumps({
         "benchmark": "raymarch",
-        "machine": machine(),
+        "machine": machine_info(),
         "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "note": "*_ms: median, *_min_ms: fastest of the runs; speedups are ratios of the fastest runs",
         "results": results,

@@ -23,30 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import machine_info
 
 from avatar.models.encodings import TriPlaneConfig, TriPlaneEncoding
 from avatar.render.triplane import kernel_unavailable, triplane_encode
-
-
-def machine() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def run(device: torch.device, impls: list[str], n_points: int, grads: str, reps: int) -> list[dict]:
@@ -135,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(json.dumps({
         "benchmark": "triplane",
-        "machine": machine(),
+        "machine": machine_info(),
         "config": "TriPlaneConfig() defaults: 8 levels 16..256, F=2, log2_hashmap_size 14 (6 dense), float32",
         "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "note": "*_ms: median, *_min_ms: fastest of the runs; speedups are ratios of the fastest runs "
