@@ -222,7 +222,8 @@ class NGPHead(SpeechConditioned):
                              persistent=False)
         self.register_buffer("mouth_cells", self._in_mouth_box(self.cell_centres()).reshape(g, g, g), persistent=False)
         """[G, G, G] bool: cells inside the mouth box, always marched."""
-        self._occupied: Optional[Tensor] = None
+        self._occupied: Optional[tuple[tuple[int, int], Tensor]] = None
+        """The bitfield of :meth:`occupancy`, with the grid's storage and version it was made from."""
         self.density_scale = 1.0 / float(np.mean(config.face_encoding.half_extent))
         """Densities are per box half-extent rather than per metre: a head of any size in any
         units starts from the same optical depths."""
@@ -235,7 +236,6 @@ class NGPHead(SpeechConditioned):
     def from_state_dict(cls, config: NGPHeadConfig, state: dict[str, Tensor]) -> "NGPHead":
         model = cls(config)
         model.load_state_dict(state)
-        model._occupied = None
         return model
 
     # -- the AvatarModel interface ------------------------------------------------------------
@@ -432,14 +432,17 @@ class NGPHead(SpeechConditioned):
         its density is above ``min(mean, threshold)`` (instant-NGP), and always inside the mouth
         box (the mouth opens under conditions the grid may not have seen yet)."""
         grid = self.density_grid
-        if self._occupied is not None and self._occupied.device == grid.device:
-            return self._occupied
+        key = (grid.data_ptr(), grid._version)  # any in-place change (an update, load_state_dict) bumps it
+        if self._occupied is not None and self._occupied[0] == key:
+            return self._occupied[1]
         measured = grid >= 0
         if not bool(measured.any()):
-            return torch.ones_like(grid, dtype=torch.bool)
-        threshold = min(float(grid[measured].mean()), self.occupancy_threshold())
-        self._occupied = (grid > threshold) | ~measured | self.mouth_cells
-        return self._occupied
+            occupied = torch.ones_like(grid, dtype=torch.bool)
+        else:
+            threshold = min(float(grid[measured].mean()), self.occupancy_threshold())
+            occupied = (grid > threshold) | ~measured | self.mouth_cells
+        self._occupied = (key, occupied)
+        return occupied
 
     def occupancy_threshold(self) -> float:
         """Density (per world unit) below which a cell's step is > 99 % transparent."""
@@ -470,7 +473,6 @@ class NGPHead(SpeechConditioned):
         flat = self.density_grid.view(-1)
         old = flat[cells]
         flat[cells] = torch.where(old < 0, new, torch.maximum(old * decay, new))
-        self._occupied = None
 
     def box_pixels(self, viewmat: Tensor, K: Tensor, width: int, height: int) -> tuple[int, int, int, int]:
         """x0, y0, x1, y1: the pixel rectangle the head's box projects to (clipped to the image)."""

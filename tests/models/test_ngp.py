@@ -197,3 +197,18 @@ def test_region_attention_gates_each_condition_channel_by_position():
     reference = branch.density(torch.cat([feats, gates * torch.cat([cond.audio, cond.motion])[None]], dim=-1))
     torch.testing.assert_close(raw, reference[:, 0])
     torch.testing.assert_close(rgb, torch.sigmoid(branch.color(reference[:, 1:])))
+
+
+def test_the_bitfield_follows_the_grid_however_it_changes():
+    model = _model().eval()
+    assert bool(model.occupancy().all())
+    other = _model()
+    g = other.config.grid_resolution
+    with torch.no_grad():
+        other.density_grid.fill_(0.0)
+        other.density_grid[0, 0, 0] = 1e6  # one dense cell
+    model.load_state_dict(other.state_dict())  # in place, not through from_state_dict
+    occupied = model.occupancy()
+    assert bool(occupied[0, 0, 0]) and int(occupied.sum()) == 1 + int(model.mouth_cells.sum()) - int(model.mouth_cells[0, 0, 0])
+    model.update_density_grid([_cond(model)], torch.arange(g ** 3))
+    assert not bool((model.occupancy() == occupied).all()), "an update changes the bitfield"
