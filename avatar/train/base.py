@@ -101,6 +101,11 @@ class TrainerBase:
         codes = self.model.audio_codes(self.data.audio_features, idx, smooth=self.step >= cfg.smooth_audio_after)
         return mouth_readout_loss(self.model.predict_mouth(codes), self.data.mouth_targets[idx])
 
+    @property
+    def n_gaussians(self) -> Optional[int]:
+        """The model's Gaussians; None for a kind that has none."""
+        return None
+
     def random_state(self) -> dict[str, Tensor]:
         """The random generators, for a checkpoint (reading them does not advance them)."""
         return {"rng/torch": torch.get_rng_state(), "rng/sampler": self.sampler.get_state()}

@@ -57,7 +57,8 @@ def mouth_readout_loss(predicted: Tensor, target: Tensor) -> Tensor:
     return (predicted[ok] - target[ok]).square().mean()
 
 
-def _box_of(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:
+def mask_box(mask: Tensor, pad: int = 4) -> tuple[int, int, int, int]:
+    """x0, y0, x1, y1 around a mask [H, W, 1], grown by ``pad`` (the whole image when it is empty)."""
     ys, xs = torch.nonzero(mask[..., 0] > 0.5, as_tuple=True)
     h, w = mask.shape[:2]
     if len(ys) == 0:
@@ -71,7 +72,7 @@ def compute_loss(out: dict[str, Any], frame: Frame, weights: LossWeights, scales
     """Photometric, mouth, mask and scale terms of one frame (and LPIPS, given its network)."""
     pred, gt = out["rgb"], frame.image
     l1 = (pred - gt).abs().mean()
-    x0, y0, x1, y1 = _box_of(frame.head_mask)
+    x0, y0, x1, y1 = mask_box(frame.head_mask)
     crop_p = pred[y0:y1, x0:x1].permute(2, 0, 1)[None]
     crop_g = gt[y0:y1, x0:x1].permute(2, 0, 1)[None]
     dssim = dssim_loss(crop_p, crop_g) if min(y1 - y0, x1 - x0) >= 11 else pred.new_zeros(())

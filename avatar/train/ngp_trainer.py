@@ -32,7 +32,7 @@ from avatar.run import model_state, optimizer_state, save_checkpoint
 from avatar.subject_data import Frame
 from avatar.train.base import TrainerBase, initial_head
 from avatar.train.config import BaseTrainConfig
-from avatar.train.losses import distortion_loss
+from avatar.train.losses import distortion_loss, mask_box
 
 
 @dataclass
@@ -91,16 +91,6 @@ def _network_optimizer(model: NGPHead, lr: NGPLearningRates) -> torch.optim.Adam
     ], betas=(0.9, 0.99), eps=1e-15)
 
 
-def _box(mask: Tensor, pad: int) -> tuple[int, int, int, int]:
-    """x0, y0, x1, y1 around a mask [H, W, 1] (the whole image when it is empty)."""
-    ys, xs = torch.nonzero(mask[..., 0] > 0.5, as_tuple=True)
-    h, w = mask.shape[:2]
-    if len(ys) == 0:
-        return 0, 0, w, h
-    return (max(0, int(xs.min()) - pad), max(0, int(ys.min()) - pad),
-            min(w, int(xs.max()) + 1 + pad), min(h, int(ys.max()) + 1 + pad))
-
-
 def _uniform_pixels(box: tuple[int, int, int, int], n: int, generator: torch.Generator) -> Tensor:
     x0, y0, x1, y1 = box
     u = torch.rand(n, 2, generator=generator)
@@ -122,7 +112,7 @@ def pick_rays(frame: Frame, field_box: tuple[int, int, int, int], rays: int, pat
     """Pixels [R, 2] (column, row) of one step's rays and how many of the first ones form the two
     patches (``2 patch^2``, row-major, mouth patch first; 0 when the image is smaller than a patch)."""
     h, w = frame.image.shape[:2]
-    head = _box(frame.head_mask, pad=max(2, w // 64))
+    head = mask_box(frame.head_mask, pad=max(2, w // 64))
     parts, n_patch = [], 0
     if patch <= min(h, w) and 2 * patch * patch < rays:
         mx0, my0, mx1, my1 = frame.mouth_box
@@ -194,12 +184,9 @@ class NGPTrainer(TrainerBase):
         for _ in range(2):
             index = self.pick_frame()
             conds.append(self.condition(index, self.data.motion[index]))
-        was_training = self.model.training
-        self.model.eval()
         for start in range(0, len(cells), 1 << 16):
             self.model.update_density_grid(conds, cells[start:start + (1 << 16)].to(self.device),
                                            generator=self.sampler)
-        self.model.train(was_training)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.config

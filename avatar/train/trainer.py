@@ -314,7 +314,7 @@ class _Trainer(TrainerBase):
         return f"{self.n_gaussians} Gaussians"
 
     @property
-    def n_gaussians(self) -> int:
+    def n_gaussians(self) -> Optional[int]:
         return len(self.model.face) + len(self.model.mouth)
 
     def preview(self) -> tuple[Tensor, Tensor]:
@@ -402,7 +402,7 @@ def train(
             if step % config.log_every == 0 or step == config.iterations:
                 for key, value in parts.items():
                     writer.add_scalar(f"train/{key}", value, step)
-                if isinstance(trainer, _Trainer):
+                if trainer.n_gaussians is not None:
                     writer.add_scalar("train/n_gaussians", trainer.n_gaussians, step)
                 log.info("step %d loss %.4f psnr %.2f %s", step, parts["loss"], psnr_avg, trainer.size())
             if step % config.preview_every == 0 or step == config.iterations:
@@ -424,7 +424,7 @@ def train(
         writer.close()
     seconds = time.perf_counter() - start
     return TrainResult(run_dir=paths.root, steps=trainer.step, seconds=seconds,
-                       n_gaussians=trainer.n_gaussians if isinstance(trainer, _Trainer) else None, last_psnr=psnr_avg,
+                       n_gaussians=trainer.n_gaussians, last_psnr=psnr_avg,
                        start_step=start_step)
 
 
