@@ -17,7 +17,7 @@ from torch import Tensor
 
 from avatar import topology
 from avatar.errors import InputError
-from avatar.models.talking_head import POSE_FEATURES
+from avatar.models.talking_head import GAZE_FEATURES, LAG_FEATURES, POSE_FEATURES
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
 
@@ -130,22 +130,53 @@ def _world_to_camera_rotations(cam_to_world: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.asarray(cam_to_world, np.float64)[:, :3, :3], -1, -2)
 
 
-def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_reference: np.ndarray) -> np.ndarray:
-    """The face branch's non-audio condition [T, E]: the named blendshape and head-rotation tracks."""
+def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_reference: np.ndarray,
+                     fps: float = 25.0) -> np.ndarray:
+    """The face branch's non-audio condition [T, E]: the named blendshape, gaze, head-rotation and
+    head-lag tracks (the lag along the video's own frames, at ``fps``)."""
     available = [str(n) for n in tracks["blendshape_names"]]
-    missing = [n for n in names if n not in available and n not in POSE_FEATURES]
+    derived = POSE_FEATURES + LAG_FEATURES + GAZE_FEATURES
+    missing = [n for n in names if n not in available and n not in derived]
     if missing:
         raise InputError(f"the subject has no {', '.join(missing)} track; preprocess it again.")
     out = np.zeros((len(tracks["blendshapes"]), len(names)), np.float32)
     for column, name in enumerate(names):
-        if name not in POSE_FEATURES:
+        if name not in derived:
             out[:, column] = tracks["blendshapes"][:, available.index(name)]
-    columns = pose_columns(names)
-    if columns:
-        pose = head_rotation_features(tracks["cam_to_world"], pose_reference)
-        for column, axis in columns:
-            out[:, column] = pose[:, axis]
+    for column, values in pose_condition_columns(names, tracks["cam_to_world"], pose_reference, fps):
+        out[:, column] = values
+    if any(name in GAZE_FEATURES for name in names):
+        valid = np.asarray(tracks["valid"], bool)
+        blink = [available.index(n) for n in ("eye_blink_left", "eye_blink_right") if n in available]
+        if blink:  # the iris is hidden under closing lids: its landmark then says nothing of the gaze
+            valid = valid & ~(tracks["blendshapes"][:, blink].mean(axis=1) > BLINK_HIDES_GAZE)
+        gaze = gaze_features(tracks["landmarks"], valid)
+        for column, name in enumerate(names):
+            if name in GAZE_FEATURES:
+                out[:, column] = gaze[:, GAZE_FEATURES.index(name)]
     return out
+
+
+GAZE_UNIT = 0.05
+"""Gaze condition units: an iris 5 % of the eye's width off its usual place reads 1 (a glance
+aside moves it 5-10 %), the scale of the other condition tracks."""
+
+
+BLINK_HIDES_GAZE = 0.5
+"""Blink track above which a frame's gaze is taken from its neighbours (the lids cover the iris)."""
+
+
+def gaze_features(landmarks: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Where the eyes look [T, 2] (x, y of :func:`avatar.topology.iris_offset`) in ``GAZE_UNIT``,
+    zero at the subject's median gaze. Frames without a face take their neighbours' values, as
+    the blendshape tracks do; a subject without any face frame gets zeros."""
+    gaze = topology.iris_offset(landmarks)
+    ok = np.asarray(valid, bool) & np.isfinite(gaze).all(axis=1)
+    if not ok.any():
+        return np.zeros((len(gaze), 2), np.float32)
+    t = np.arange(len(gaze))
+    gaze = np.stack([np.interp(t, t[ok], gaze[ok, k]) for k in range(2)], axis=1)
+    return ((gaze - np.median(gaze[ok], axis=0)) / GAZE_UNIT).astype(np.float32)
 
 
 LIP_GAP = "lip_gap"
@@ -192,6 +223,49 @@ def pose_columns(names: Sequence[str]) -> list[tuple[int, int]]:
     return [(column, POSE_FEATURES.index(name)) for column, name in enumerate(names) if name in POSE_FEATURES]
 
 
+def lag_columns(names: Sequence[str]) -> list[tuple[int, int]]:
+    """(condition column, axis of :func:`head_lag_features`) of each head-lag track in ``names``."""
+    return [(column, LAG_FEATURES.index(name)) for column, name in enumerate(names) if name in LAG_FEATURES]
+
+
+LAG_SECONDS = 0.3
+"""Time constant of the head-lag tracks: about how long hair takes to catch up with a turn."""
+
+
+def head_lag_features(rotation: np.ndarray, fps: float, seconds: float = LAG_SECONDS) -> np.ndarray:
+    """How far the head has turned ahead of where it has recently been [T, 3]: the rotation
+    features minus their causal exponential moving average (time constant ``seconds``).
+
+    Hair and ears trail the head: their displacement at a frame depends on the motion before it,
+    which the rotation at that frame alone cannot tell. Zero while the head holds still; in the
+    units of :func:`head_rotation_features`. Causal, so a new pose sequence gets it as it plays.
+    """
+    rotation = np.asarray(rotation, np.float64)
+    keep = float(np.exp(-1.0 / max(fps * seconds, 1e-6)))
+    out = np.zeros_like(rotation)
+    if len(rotation):
+        average = rotation[0].copy()
+        for t in range(len(rotation)):
+            average = keep * average + (1.0 - keep) * rotation[t]
+            out[t] = rotation[t] - average
+    return out.astype(np.float32)
+
+
+def pose_condition_columns(names: Sequence[str], cam_to_world: np.ndarray, reference: np.ndarray,
+                           fps: float) -> list[tuple[int, np.ndarray]]:
+    """(column, values [T]) of every condition track in ``names`` that follows the head pose, for
+    the pose sequence ``cam_to_world`` [T, 4, 4] played in this order at ``fps``."""
+    rotation_cols, lag_cols = pose_columns(names), lag_columns(names)
+    if not rotation_cols and not lag_cols:
+        return []
+    rotation = head_rotation_features(cam_to_world, reference)
+    out = [(column, rotation[:, axis]) for column, axis in rotation_cols]
+    if lag_cols:
+        lag = head_lag_features(rotation, fps)
+        out += [(column, lag[:, axis]) for column, axis in lag_cols]
+    return out
+
+
 class SubjectData:
     """Training view of a subject at one resolution."""
 
@@ -212,7 +286,10 @@ class SubjectData:
         train = self.split("train")
         self.pose_reference = mean_head_rotation(tracks["cam_to_world"][train if len(train) else slice(None)])
         self.motion_features = tuple(str(n) for n in motion_features)
-        self.motion = torch.from_numpy(condition_tracks(tracks, motion_features, self.pose_reference)).to(self.device)
+        self.fps = float(m.fps)
+        self.cam_to_world = tracks["cam_to_world"]
+        self.motion = torch.from_numpy(
+            condition_tracks(tracks, motion_features, self.pose_reference, self.fps)).to(self.device)
         self.audio_features = torch.from_numpy(tracks["audio_features"]).float().to(self.device)
         self.mouth_target_names = tuple(str(n) for n in mouth_targets)
         self.mouth_targets = torch.from_numpy(
@@ -238,15 +315,16 @@ class SubjectData:
         return idx[self.valid[idx]] if valid_only else idx
 
     def with_pose(self, motion: Tensor, cam_to_world: np.ndarray) -> Tensor:
-        """``motion`` [B, E] with its head-rotation columns recomputed for poses ``cam_to_world``
-        [B, 4, 4] that are not the subject's own (a pose file given to ``avatar render``)."""
-        columns = pose_columns(self.motion_features)
+        """``motion`` [B, E] with its head-pose columns recomputed for the pose sequence
+        ``cam_to_world`` [B, 4, 4] played in this order: poses that are not the subject's own (a
+        pose file given to ``avatar render``), or its own frames in a new order (the head lag
+        depends on the order)."""
+        columns = pose_condition_columns(self.motion_features, cam_to_world, self.pose_reference, self.fps)
         if not columns:
             return motion
-        pose = torch.from_numpy(head_rotation_features(cam_to_world, self.pose_reference)).to(motion)
         motion = motion.clone()
-        for column, axis in columns:
-            motion[:, column] = pose[:, axis]
+        for column, values in columns:
+            motion[:, column] = torch.from_numpy(np.ascontiguousarray(values)).to(motion)
         return motion
 
     def mouth_box(self, index: int, pad: float = 0.35) -> tuple[int, int, int, int]:

@@ -54,3 +54,41 @@ def inner_lip_opening(landmarks: np.ndarray) -> np.ndarray:
 def polygon(landmarks: np.ndarray, loop: tuple[int, ...]) -> np.ndarray:
     """The x, y of ``loop`` as an int32 polygon [len(loop), 2] for cv2.fillPoly."""
     return np.round(landmarks[list(loop), :2]).astype(np.int32)
+
+
+EYE_CORNERS = {"left": (362, 263), "right": (33, 133)}
+"""Each eye's corners, image-left first for a frontal face (inner then outer for the subject's left eye)."""
+IRIS_CENTRES = {"left": 473, "right": 468}
+"""The centre landmark of each iris (the first of :data:`LEFT_IRIS` / :data:`RIGHT_IRIS`)."""
+
+
+def iris_offset(landmarks: np.ndarray) -> np.ndarray:
+    """Where the eyes look, per frame: the iris centre's offset from the midpoint of its eye's
+    corners, in the eye's own axes (x along the corners, image-left to image-right; y across,
+    image-down), in eye widths, averaged over both eyes.
+
+    Measured against the eye corners rather than the image, so the head's own motion barely
+    moves it; the pair of numbers is what tells a look to the side or down from a look ahead.
+
+    Args:
+        landmarks: [T, 478, D] or [478, D] with D >= 2 (only x, y are used).
+
+    Returns:
+        float64 [T, 2]; NaN where the face is missing (NaN landmarks or coincident corners).
+    """
+    a = np.asarray(landmarks, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1] != N_LANDMARKS or a.shape[2] < 2:
+        raise ValueError(f"landmarks must be [T, {N_LANDMARKS}, 2] (or 3), got shape {a.shape}")
+    a = a[..., :2]
+    per_eye = []
+    for side, (c0, c1) in EYE_CORNERS.items():
+        axis = a[:, c1] - a[:, c0]
+        width = np.linalg.norm(axis, axis=-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(width > 0, axis / width, np.nan)
+            offset = (a[:, IRIS_CENTRES[side]] - 0.5 * (a[:, c0] + a[:, c1])) / width
+        v = np.stack([-u[:, 1], u[:, 0]], axis=-1)
+        per_eye.append(np.stack([(offset * u).sum(-1), (offset * v).sum(-1)], axis=-1))
+    return 0.5 * (per_eye[0] + per_eye[1])

@@ -130,3 +130,86 @@ def test_the_frame_composite_is_the_frame_itself_away_from_the_head(small_subjec
     torch.testing.assert_close(frame.background[on_head], frame.plate_background[on_head])
     # Over the plate, the background region is the plate, not the frame.
     assert not torch.equal(frame.plate_background[far], frame.image[far])
+
+
+def _eyes(iris_dx: float, iris_dy: float, scale: float = 1.0, angle_deg: float = 0.0) -> np.ndarray:
+    """One face's landmarks: eyes 1 wide, irises offset by (dx, dy) eye widths in the eye's axes,
+    the whole face scaled and turned in the image plane."""
+    from avatar.topology import EYE_CORNERS, IRIS_CENTRES
+
+    face = np.zeros((478, 3))
+    for side, x0 in (("right", 0.0), ("left", 2.0)):
+        c0, c1 = EYE_CORNERS[side]
+        face[c0, :2], face[c1, :2] = (x0, 0.0), (x0 + 1.0, 0.0)
+        face[IRIS_CENTRES[side], :2] = (x0 + 0.5 + iris_dx, iris_dy)
+    a = np.radians(angle_deg)
+    turn = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    face[:, :2] = scale * face[:, :2] @ turn.T + 7.0
+    return face
+
+
+def test_iris_offset_is_in_the_eyes_own_axes_and_eye_widths():
+    from avatar.topology import iris_offset
+
+    faces = np.stack([_eyes(0.0, 0.0), _eyes(0.1, -0.05, scale=3.0, angle_deg=20.0), _eyes(-0.2, 0.0, angle_deg=-90.0)])
+    np.testing.assert_allclose(iris_offset(faces), [[0, 0], [0.1, -0.05], [-0.2, 0]], atol=1e-9)
+    missing = faces.copy()
+    missing[1] = np.nan
+    assert np.isnan(iris_offset(missing)[1]).all() and np.isfinite(iris_offset(missing)[[0, 2]]).all()
+
+
+def test_gaze_tracks_are_centred_on_the_median_and_fill_frames_without_a_face():
+    from avatar.subject_data import GAZE_UNIT, gaze_features
+
+    faces = np.stack([_eyes(0.0, 0.0), _eyes(0.05, 0.0), _eyes(0.5, 0.5), _eyes(0.1, -0.1)])
+    valid = np.array([True, True, False, True])
+    gaze = gaze_features(faces, valid)
+    # median of the valid x (0, 0.05, 0.1) is 0.05; frame 2 lies halfway between frames 1 and 3
+    np.testing.assert_allclose(gaze[:, 0], np.array([-0.05, 0.0, 0.025, 0.05]) / GAZE_UNIT, atol=1e-5)
+    np.testing.assert_allclose(gaze[:, 1], np.array([0.0, 0.0, -0.05, -0.1]) / GAZE_UNIT, atol=1e-5)
+    assert not gaze_features(faces, np.zeros(4, bool)).any()
+
+
+def test_condition_tracks_read_gaze_from_the_landmarks():
+    faces = np.stack([_eyes(0.0, 0.0), _eyes(0.1, 0.0), _eyes(0.05, 0.0)])
+    tracks = {
+        "blendshape_names": np.array(["eye_blink_left", "eye_blink_right"]),
+        "blendshapes": np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]], np.float32),
+        "cam_to_world": _cam_to_world(np.stack([np.eye(3)] * 3)),
+        "landmarks": faces,
+        "valid": np.ones(3, bool),
+    }
+    out = condition_tracks(tracks, ("gaze_x", "eye_blink_left", "gaze_y"), np.eye(3))
+    np.testing.assert_allclose(out, [[-1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [0.0, 0.3, 0.0]], atol=1e-5)
+    # a blink hides the iris: that frame's gaze comes from its neighbours
+    tracks["blendshapes"][1] = 0.9
+    out = condition_tracks(tracks, ("gaze_x",), np.eye(3))
+    np.testing.assert_allclose(out[:, 0], [-0.5, 0.0, 0.5], atol=1e-5)
+
+
+def test_head_lag_is_zero_when_still_and_decays_after_a_turn():
+    from avatar.subject_data import head_lag_features
+
+    rotation = np.zeros((40, 3))
+    rotation[10:, 1] = 2.0  # a sudden 20-degree turn at frame 10, then still
+    lag = head_lag_features(rotation, fps=25.0, seconds=0.2)
+    assert not lag[:10].any()
+    keep = np.exp(-1.0 / 5.0)
+    np.testing.assert_allclose(lag[10:, 1], 2.0 * keep ** np.arange(1, 31), rtol=1e-5)
+    assert not lag[:, [0, 2]].any()
+
+
+def test_the_head_lag_follows_the_order_the_poses_play_in(small_subject):
+    from avatar.models.talking_head import LAG_FEATURES
+
+    _, subject = small_subject
+    names = POSE_FEATURES + LAG_FEATURES
+    data = SubjectData(subject, 64, names)
+    c2w = data.subject.tracks["cam_to_world"][:6].copy()
+    turn = Rotation.from_euler("y", 3.0, degrees=True).as_matrix()
+    for t in range(6):  # the head turns steadily
+        c2w[t, :3, :3] = np.linalg.matrix_power(turn, t) @ c2w[0, :3, :3]
+    forwards = data.with_pose(data.motion[:6], c2w)[:, 3:]
+    backwards = data.with_pose(data.motion[:6], c2w[::-1].copy())[:, 3:]
+    assert (forwards[1:] * backwards[1:]).sum() < 0  # turning the other way, the hair trails the other way
+    assert forwards[1:].abs().max() > 0.1

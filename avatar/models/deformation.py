@@ -28,7 +28,7 @@ Offsets are applied by :func:`apply_deformation`; their conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,12 @@ class FaceDeformationConfig(Config):
 
     n_layers: int = 3
     """Linear layers of the MLP, counting the fusion layer and the output layer (>= 2)."""
+
+    color: bool = False
+    """Also predict a colour offset per Gaussian (``d_color``, RGB). Moving Gaussians alone cannot
+    draw what appears and fades with an expression (forehead wrinkles, lids closing over the
+    eyes, shading as the cheeks lift); off in configs that predate it, whose networks have no
+    such outputs."""
 
     def __post_init__(self) -> None:
         if isinstance(self.encoding, dict):
@@ -141,6 +147,9 @@ class FaceDeformationOutput(NamedTuple):
     attention: Tensor
     """Region attention weights (audio, motion) per Gaussian, rows summing to 1. [N, 2]"""
 
+    d_color: Optional[Tensor] = None
+    """RGB offsets, with :attr:`FaceDeformationConfig.color` (else None). [..., N, 3]"""
+
 
 def _mlp_tail(hidden: int, n_layers: int, out_dim: int) -> tuple[nn.Sequential, nn.Linear]:
     """Hidden layers after the fusion layer, and the zero-initialised output layer."""
@@ -178,7 +187,8 @@ class FaceDeformation(nn.Module):
     - fusion ``h = relu(W_f f + a_0 P_a(audio) + a_1 P_e(motion) + b)``: this is a linear layer on
       ``concat(f, a_0 P_a(audio), a_1 P_e(motion))`` with the condition's share computed once per
       frame instead of once per Gaussian (the projections are applied to one vector, not N);
-    - an MLP to 10 outputs: ``d_xyz`` (3, box units), ``d_rot`` (4), ``d_scale`` (3).
+    - an MLP to 10 outputs: ``d_xyz`` (3, box units), ``d_rot`` (4), ``d_scale`` (3), and 3 more
+      (``d_color``) with :attr:`FaceDeformationConfig.color`.
 
     A condition with a leading batch dim ``[B, C]`` deforms the same Gaussians for B frames at
     the cost of one encoding: outputs are then ``[B, N, ...]``.
@@ -194,7 +204,7 @@ class FaceDeformation(nn.Module):
         self.audio_proj = nn.Linear(config.audio_dim, config.hidden)
         self.motion_proj = nn.Linear(config.motion_dim, config.hidden)
         self.fuse = nn.Linear(feat, config.hidden)
-        self.mlp, self.out = _mlp_tail(config.hidden, config.n_layers, 10)
+        self.mlp, self.out = _mlp_tail(config.hidden, config.n_layers, 13 if config.color else 10)
 
     def forward(
         self,
@@ -212,7 +222,8 @@ class FaceDeformation(nn.Module):
 
         Returns:
             :class:`FaceDeformationOutput`: ``d_xyz`` [..., N, 3], ``d_rot`` [..., N, 4],
-            ``d_scale`` [..., N, 3], ``attention`` [N, 2]; all offsets zero at initialisation.
+            ``d_scale`` [..., N, 3], ``attention`` [N, 2], ``d_color`` [..., N, 3] or None; all
+            offsets zero at initialisation.
 
         Raises:
             ValueError: a shape does not match the config or the batch dims differ.
@@ -231,9 +242,10 @@ class FaceDeformation(nn.Module):
         audio_h = self.audio_proj(audio)[..., None, :]  # [..., 1, H]
         motion_h = self.motion_proj(motion)[..., None, :]  # [..., 1, H]
         h = self.fuse(feat) + attention[:, 0:1] * audio_h + attention[:, 1:2] * motion_h  # [..., N, H]
-        out = self.out(self.mlp(h))  # [..., N, 10]
+        out = self.out(self.mlp(h))  # [..., N, 10 or 13]
         d_xyz = out[..., 0:3] * self.encoding.box(out)[1]
-        return FaceDeformationOutput(d_xyz, out[..., 3:7], out[..., 7:10], attention)
+        d_color = out[..., 10:13] if c.color else None
+        return FaceDeformationOutput(d_xyz, out[..., 3:7], out[..., 7:10], attention, d_color)
 
 
 class MouthDeformation(nn.Module):

@@ -33,6 +33,9 @@ from avatar.render import rasterize
 
 SH_C0 = 0.28209479177387814
 
+BLINK_NAMES = ("eye_blink_left", "eye_blink_right")
+"""The blink tracks: what training oversamples (``blink_share``) and ``avatar render --blink`` drives."""
+
 EYE_FEATURES = ("eye_blink_left", "eye_blink_right", "brow_raise_left", "brow_raise_right")
 """Blendshape tracks that condition the face branch besides audio (none of them is mouth motion,
 so a new utterance's lips come from its audio alone)."""
@@ -41,6 +44,17 @@ POSE_FEATURES = ("head_rot_x", "head_rot_y", "head_rot_z")
 """Head rotation relative to the camera (so to gravity), as condition tracks: hair hangs and
 swings with it. Derived from the pose track, not from the image (see
 :func:`avatar.subject_data.head_rotation_features`)."""
+
+LAG_FEATURES = ("head_lag_x", "head_lag_y", "head_lag_z")
+"""How far the head has turned ahead of its recent average (:func:`avatar.subject_data.head_lag_features`):
+hair swings behind a turn, which the rotation at one frame cannot tell. Not in the default
+condition (see benchmarks/RESULTS.md); add them with ``--set model.motion_features=[...]``."""
+
+GAZE_FEATURES = ("gaze_x", "gaze_y")
+"""Where the eyes look (the iris against the eye corners, :func:`avatar.topology.iris_offset`), as
+condition tracks derived from the landmarks. Not in the default condition: on the two clips
+measured (people who look at the camera) they changed nothing (benchmarks/RESULTS.md); for
+someone who looks around, add them with ``--set model.motion_features=[...]``."""
 
 MOUTH_TARGETS = ("lip_gap", "jaw_open", "lips_apart", "mouth_stretch", "mouth_pucker")
 """Tracked mouth shape the audio code learns to predict (the inner-lip gap and the mouth
@@ -65,7 +79,7 @@ class TalkingHeadConfig(Config):
     face: FaceDeformationConfig = field(default_factory=FaceDeformationConfig)
     mouth: MouthDeformationConfig = field(default_factory=MouthDeformationConfig)
     motion_features: tuple[str, ...] = MOTION_FEATURES
-    """Names of the non-audio condition tracks: blendshapes of the subject, or ``POSE_FEATURES``."""
+    """Names of the non-audio condition tracks: blendshapes of the subject, ``GAZE_FEATURES`` or ``POSE_FEATURES``."""
     box_margin: float = 0.25
     """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
     mouth_targets: tuple[str, ...] = MOUTH_TARGETS
@@ -117,15 +131,18 @@ class LayerGaussians:
     scales: Tensor
     opacities: Tensor
     colors: Tensor
-    """[N, 3] RGB, or SH coefficients [N, K, 3] when ``sh_degree`` > 0."""
+    """[N, 3] RGB, or SH coefficients [N, K, 3] when ``sh_degree`` > 0; with a leading B when the
+    deformation changes colours per frame (``colors_per_frame``)."""
+    colors_per_frame: bool = False
 
     def frame(self, b: int) -> "LayerGaussians":
         """Frame ``b`` of a layer deformed by B conditions (per-frame tensors have a leading B)."""
         def pick(t: Tensor, rank: int) -> Tensor:
             return t[b] if t.dim() > rank else t
 
+        colors = self.colors[b] if self.colors_per_frame and self.means.dim() > 2 else self.colors
         return LayerGaussians(pick(self.means, 2), pick(self.quats, 2), pick(self.scales, 2),
-                              pick(self.opacities, 1), self.colors)
+                              pick(self.opacities, 1), colors)
 
 
 class TalkingHead(SpeechConditioned):
@@ -190,14 +207,20 @@ class TalkingHead(SpeechConditioned):
         readout = [] if self.mouth_readout is None else list(self.mouth_readout.parameters())
         return [*self.audio.parameters(), *readout, *self.face_deform.parameters(), *self.mouth_deform.parameters()]
 
-    def _colors(self, gaussians: GaussianSet) -> Tensor:
+    def _colors(self, gaussians: GaussianSet, d_color: Optional[Tensor] = None) -> Tensor:
+        """The rasterizer's colours; ``d_color`` [..., N, 3] shifts each Gaussian's base (DC) colour in RGB."""
         if self.config.sh_degree == 0:
-            return (gaussians.sh[:, 0] * SH_C0 + 0.5).clamp_min(0.0)
-        return gaussians.sh
+            base = gaussians.sh[:, 0] * SH_C0 + 0.5
+            return (base if d_color is None else base + d_color).clamp_min(0.0)
+        if d_color is None:
+            return gaussians.sh
+        sh = gaussians.sh.expand(*d_color.shape[:-2], *gaussians.sh.shape)
+        return torch.cat([sh[..., :1, :] + (d_color / SH_C0)[..., None, :], sh[..., 1:, :]], dim=-2)
 
     def deform(self, cond: Optional[FrameCondition]) -> tuple[LayerGaussians, LayerGaussians]:
         """Face and mouth layers for one frame (``cond=None``: the canonical, undeformed head)."""
         face, mouth = self.face, self.mouth
+        d_color = None
         if cond is None:
             f_means, f_quats, f_logs = face.means, face.quats, face.log_scales
             m_means = mouth.means
@@ -206,7 +229,9 @@ class TalkingHead(SpeechConditioned):
             f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
                                                          out.d_xyz, out.d_rot, out.d_scale)
             m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
-        face_layer = LayerGaussians(f_means, f_quats, torch.exp(f_logs), face.opacities, self._colors(face))
+            d_color = out.d_color
+        face_layer = LayerGaussians(f_means, f_quats, torch.exp(f_logs), face.opacities, self._colors(face, d_color),
+                                    colors_per_frame=d_color is not None)
         mouth_layer = LayerGaussians(m_means, mouth.quats, mouth.scales, mouth.opacities, self._colors(mouth))
         return face_layer, mouth_layer
 

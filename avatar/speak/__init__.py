@@ -1,5 +1,6 @@
 """Speech in, a talking avatar out: the one speech driver and ``render_speech`` on top of it."""
 
+from avatar.models.talking_head import BLINK_NAMES
 from avatar.speak.driver import (
     DrivenFrames,
     DriveOptions,
@@ -10,7 +11,7 @@ from avatar.speak.driver import (
     WavSpeech,
 )
 from avatar.speak.render import RenderOptions, RenderSummary, render_speech, rendered_batches
-from avatar.speak.tracks import BLINK_NAMES, auto_blinks, blink_events, blink_track, loop_indices, pose_track
+from avatar.speak.tracks import auto_blinks, blink_events, blink_track, loop_indices, pose_track
 
 __all__ = [
     "BLINK_NAMES",

@@ -25,7 +25,8 @@ from torch import Tensor
 from avatar import media
 from avatar.audio import compute_audio_features, feature_config_from_manifest
 from avatar.models import AvatarModel, FrameCondition
-from avatar.speak.tracks import BLINK_NAMES, blink_track, pose_track
+from avatar.models.talking_head import BLINK_NAMES
+from avatar.speak.tracks import blink_track, pose_track
 from avatar.subject_data import SubjectData
 
 
@@ -154,8 +155,9 @@ class SpeechDriver:
             motion[:, self.blink_columns] = torch.from_numpy(blinks).to(motion)
         viewmats = None
         if c2w is not None:  # the head turns as the pose file says, and the hair with it
-            motion = data.with_pose(motion, c2w)
             viewmats = torch.linalg.inv(torch.from_numpy(c2w)).float().to(data.device)
+        # The head-lag tracks follow the poses in the order they play (a loop turns back).
+        motion = data.with_pose(motion, c2w if c2w is not None else data.cam_to_world[np.asarray(frames)])
         return DrivePlan(np.asarray(frames, np.int64), motion, viewmats)
 
     # -- what the speech says --------------------------------------------------------------------

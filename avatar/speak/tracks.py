@@ -16,9 +16,6 @@ import numpy as np
 
 from avatar.errors import InputError
 
-BLINK_NAMES = ("eye_blink_left", "eye_blink_right")
-"""The motion tracks that ``--blink`` drives."""
-
 
 def loop_indices(train: np.ndarray, n: int, start: int = 0) -> np.ndarray:
     """``n`` subject frames walking ``train`` forwards then backwards (ping-pong), from ``start``."""

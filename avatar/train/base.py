@@ -16,6 +16,7 @@ from torch import Tensor
 from avatar.errors import AvatarError
 from avatar.models import FrameCondition
 from avatar.models.gaussians import GaussianInitConfig, HeadInit, init_head
+from avatar.models.talking_head import BLINK_NAMES
 from avatar.progress import Progress, null_progress
 from avatar.run import RunPaths, discard_checkpoints_after, find_subject, load_checkpoint, write_config
 from avatar.subject_data import HEAD_LABELS, SubjectData
@@ -61,6 +62,8 @@ class TrainerBase:
         taught = torch.isfinite(self.data.mouth_targets[torch.from_numpy(self.train_idx)]).any(dim=1).cpu().numpy()
         self.mouth_idx = torch.from_numpy(self.train_idx[taught])
         """Train frames with a tracked mouth: where the read-out loss is taken."""
+        self.blink_idx = blink_frames(self.data, self.train_idx)
+        """Train frames with the eyes closed: :attr:`BaseTrainConfig.blink_share` of the steps."""
         self.step = 0
         self.sampler = torch.Generator().manual_seed(config.seed)
 
@@ -115,5 +118,25 @@ class TrainerBase:
         self.sampler.set_state(tensors["rng/sampler"])
 
     def pick_frame(self) -> int:
-        """A random train frame's index."""
-        return int(self.train_idx[int(torch.randint(len(self.train_idx), (1,), generator=self.sampler))])
+        """A random train frame's index: after the static stage, a blink frame with probability
+        ``blink_share`` (when the subject has any), else any train frame."""
+        pool = self.train_idx
+        if (len(self.blink_idx) and self.step >= self.config.static_iterations
+                and float(torch.rand((), generator=self.sampler)) < self.config.blink_share):
+            pool = self.blink_idx
+        return int(pool[int(torch.randint(len(pool), (1,), generator=self.sampler))])
+
+
+BLINK_CLOSED = 0.5
+"""Mean of the two eye-blink tracks above which a frame counts as a blink frame."""
+
+
+def blink_frames(data: SubjectData, frames: np.ndarray) -> np.ndarray:
+    """The ``frames`` whose eyes are closed (both blink tracks' mean above :data:`BLINK_CLOSED`);
+    empty when the model is not conditioned on blinks or the subject never blinks."""
+    names = list(data.motion_features)
+    columns = [names.index(n) for n in BLINK_NAMES if n in names]
+    if len(columns) != len(BLINK_NAMES) or len(frames) == 0:
+        return frames[:0]
+    closed = data.motion[torch.from_numpy(frames).to(data.device)][:, columns].mean(dim=1) > BLINK_CLOSED
+    return frames[closed.cpu().numpy()]

@@ -21,6 +21,14 @@ class BaseTrainConfig(Config):
     preset: str = "fast"
     resolution: int = 256
     iterations: int = 3000
+    iterations_per_frame: float = 0.0
+    """When above 0, a new run given no iteration count trains ``iterations_per_frame`` steps per
+    train frame of its subject when that is more than ``iterations``, up to ``max_iterations``:
+    a minute of video has several times the frames of the 8-20 s clips the step counts were
+    sized on, and each frame was otherwise seen two or three times. The count chosen is the one
+    written to config.json."""
+    max_iterations: int = 0
+    """The most steps ``iterations_per_frame`` may ask for (0: no limit)."""
     static_iterations: int = 300
     smooth_audio_after: int = 1000
     fuse_after: float = 0.8
@@ -42,4 +50,9 @@ class BaseTrainConfig(Config):
     in runs of :data:`avatar.train.losses.MOUTH_RUN` consecutive frames: cheap (no rendering, and neighbours share the
     audio windows they encode), and far more than the one rendered frame, so the code sees every
     sentence of the subject many times over."""
+    blink_share: float = 0.1
+    """Share of the conditioned steps (after ``static_iterations``) taken on a train frame with the
+    eyes closed, when the subject has any. Blinks are 1-3 % of a talking-head video's frames; drawn
+    uniformly, the eyelids got so few steps that no avatar learned to close its eyes, even on the
+    blink frames it trained on (and ``avatar render --blink`` had nothing to show)."""
     format_version: int = RUN_FORMAT_VERSION

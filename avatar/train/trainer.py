@@ -105,6 +105,17 @@ def make_config(preset: str = "fast", overrides: Optional[dict[str, Any]] = None
     return merge(config, overrides or {})
 
 
+def iterations_for(config: Any, n_train: int) -> int:
+    """The steps a new run on ``n_train`` train frames takes: ``iterations``, or more for a long
+    subject when the config scales them (:attr:`avatar.train.config.BaseTrainConfig.iterations_per_frame`)."""
+    if config.iterations_per_frame <= 0:
+        return config.iterations
+    scaled = int(math.ceil(config.iterations_per_frame * n_train))
+    if config.max_iterations > 0:
+        scaled = min(scaled, config.max_iterations)
+    return max(config.iterations, scaled)
+
+
 def check_config(config: TrainConfig) -> None:
     """Refuse values that would train nothing or divide by zero (``--set log_every=0``), before
     anything is written.
@@ -464,6 +475,8 @@ def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides
         config = make_config(preset, overrides, kind)
     except ValueError as err:
         raise AvatarError(str(err)) from None
+    if "iterations" not in (overrides or {}):
+        config = dataclasses.replace(config, iterations=iterations_for(config, _n_train(manifest)))
     check_config(config)
     config = dataclasses.replace(config, **subject_reference(subject_dir, paths.root))
     if config.resolution > manifest.size:
@@ -473,6 +486,11 @@ def _new_config(subject_dir: Path | str, paths: RunPaths, preset: str, overrides
     if force:
         _clear_run(paths)
     return config
+
+
+def _n_train(manifest) -> int:
+    start, stop = manifest.split["train"]
+    return max(0, int(stop) - int(start))
 
 
 def _refuse_existing(paths: RunPaths) -> None:

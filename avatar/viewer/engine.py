@@ -34,7 +34,7 @@ from avatar.models import FrameCondition
 from avatar.progress import Progress
 from avatar.run import load_avatar
 from avatar.speak import DriveOptions, SampleSpeech, SpeechDriver
-from avatar.subject_data import SubjectData, pose_columns, scaled_intrinsics
+from avatar.subject_data import SubjectData, lag_columns, pose_columns, scaled_intrinsics
 from avatar.viewer.state import ViewState, orbit_viewmat, project_points
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ class ViewerEngine:
         ).float().to(self.device)
         self.motion_names = [str(n) for n in self.model.motion_features]
         self.pose_columns = pose_columns(self.motion_names)
+        self.lag_columns = lag_columns(self.motion_names)
         self.blink_index = self.driver.blink_columns
         self._render_lock = threading.Lock()
         self._speech_lock = threading.Lock()
@@ -284,6 +285,8 @@ class ViewerEngine:
             if not state.follow:  # the held frame's head rotation, not the speech's pose track's
                 for column, _ in self.pose_columns:
                     motion[column] = self.data.motion[pose, column]
+                for column, _ in self.lag_columns:  # a held head has caught up with itself
+                    motion[column] = 0.0
             if state.blink is not None and self.blink_index:
                 motion[self.blink_index] = state.blink
             cond = FrameCondition(speech.codes[index], motion)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from avatar.models.gaussians import HeadInit
@@ -15,12 +16,14 @@ def _wall(z: float, n: int = 400, half: float = 0.05) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, z)], axis=1)
 
 
-def _head(face_opacity: float) -> TalkingHead:
+def _head(face_opacity: float, color: bool = False, sh_degree: int = 0) -> TalkingHead:
     face = _wall(0.0)
     mouth = _wall(0.02, n=100, half=0.02)
     init = HeadInit(face, np.tile([0.9, 0.1, 0.1], (len(face), 1)), mouth, np.tile([0.1, 0.1, 0.9], (len(mouth), 1)))
     torch.manual_seed(0)
-    model = TalkingHead.from_init(TalkingHeadConfig(), init)
+    config = TalkingHeadConfig(sh_degree=sh_degree)
+    config.face.color = color
+    model = TalkingHead.from_init(config, init)
     with torch.no_grad():
         model.face.opacity_logits.fill_(float(np.log(face_opacity / (1 - face_opacity))))
         model.mouth.opacity_logits.fill_(4.0)
@@ -66,8 +69,9 @@ def test_background_shows_where_the_head_is_not():
     assert out["head_alpha"][32, 32] > 0.95
 
 
-def test_batched_rendering_equals_one_frame_at_a_time():
-    model = _head(0.9)
+@pytest.mark.parametrize("color,sh_degree", [(False, 0), (True, 0), (True, 1)])
+def test_batched_rendering_equals_one_frame_at_a_time(color, sh_degree):
+    model = _head(0.9, color, sh_degree)
     viewmat, K = _camera()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -82,3 +86,15 @@ def test_batched_rendering_equals_one_frame_at_a_time():
         single = model.render(FrameCondition(audio[b], motion[b]), viewmat, K, 64, 64, backgrounds[b])["rgb"]
         torch.testing.assert_close(batched[b], single, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[0], batched[1])
+
+
+def test_colour_offsets_start_at_zero_and_shift_the_base_colour():
+    model = _head(0.9, color=True)
+    cond = FrameCondition(torch.randn(model.config.audio.code_dim), torch.rand(len(model.config.motion_features)))
+    torch.testing.assert_close(model.deform(cond)[0].colors, model.deform(None)[0].colors)  # zero at init
+    with torch.no_grad():
+        model.face_deform.out.bias[10:13] = torch.tensor([0.1, -0.05, 0.0])
+    shifted = model.deform(cond)[0].colors - model.deform(None)[0].colors
+    torch.testing.assert_close(shifted, torch.tensor([0.1, -0.05, 0.0]).expand_as(shifted))
+    plain = _head(0.9)
+    assert plain.face_deform.out.out_features == 10 and model.face_deform.out.out_features == 13

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from avatar.cli import main
 from avatar.configs import merge, parse_assignments
 from avatar.errors import AvatarError
 from avatar.run import RunPaths, load_avatar, load_checkpoint, model_state
+from avatar.subject import read_manifest
 from avatar.subject_data import Frame
 from avatar.train.losses import LossWeights, compute_loss
 from avatar.train.trainer import TrainConfig, train
@@ -375,3 +377,27 @@ def test_mouth_batches_are_runs_of_consecutive_frames_inside_the_range(n, batch)
     run = min(MOUTH_RUN, n, batch)
     steps = picks[: batch - batch % run].reshape(-1, run).diff(dim=1)
     assert bool((steps == 1).all())
+
+
+def test_long_subjects_get_more_steps_up_to_the_cap_unless_the_count_is_given():
+    from avatar.train.trainer import iterations_for, make_config
+
+    fast = make_config("fast")
+    assert iterations_for(fast, 150) == fast.iterations  # an 8 s clip: the preset's count
+    assert iterations_for(fast, 1000) == int(math.ceil(fast.iterations_per_frame * 1000))
+    assert iterations_for(fast, 10_000) == fast.max_iterations
+    assert iterations_for(make_config("fast", {"iterations_per_frame": 0.0}), 10_000) == fast.iterations
+    assert iterations_for(make_config("fast", {"max_iterations": 0}), 2000) == int(fast.iterations_per_frame * 2000)
+
+
+def test_a_new_run_records_the_scaled_count_and_keeps_a_given_one(small_subject, tmp_path):
+    from avatar.train.trainer import _new_config, make_config
+
+    _, subject = small_subject
+    n_train = read_manifest(subject).split["train"][1]
+    chosen = _new_config(subject, RunPaths(tmp_path / "a"), "fast", {"iterations_per_frame": 50.0,
+                                                                     "max_iterations": 0}, force=False)
+    assert chosen.iterations == max(make_config("fast").iterations, 50 * n_train)
+    given = _new_config(subject, RunPaths(tmp_path / "b"), "fast", {"iterations_per_frame": 50.0, "iterations": 7},
+                        force=False)
+    assert given.iterations == 7
