@@ -19,6 +19,9 @@ RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 
 LEFT_IRIS = (473, 474, 475, 476, 477)
 RIGHT_IRIS = (468, 469, 470, 471, 472)
 
+NOSE_TIP = 1
+"""The tip of the nose: which side of the face oval is the front."""
+
 MOUTH = tuple(sorted(set(LIPS_OUTER) | set(LIPS_INNER)))
 """Every lip landmark: the set the mouth-landmark distance (LMD) is measured on."""
 UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14

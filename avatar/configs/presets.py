@@ -23,6 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {
             "sh_degree": 0,
             "init": {"n_face": 2500, "n_head": 3000, "n_mouth": 400},
+            "face": {"color": True},
         },
         "strategy": {"refine_start_iter": 300, "refine_stop_iter": 2200, "refine_every": 100,
                      "max_gaussians": 9000},
@@ -38,6 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {
             "sh_degree": 1,
             "init": {"n_face": 10000, "n_head": 12000, "n_mouth": 2000},
+            "face": {"color": True},
         },
         "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 20000, "refine_every": 100,
                      "max_gaussians": 120000},
@@ -53,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {
             "sh_degree": 2,
             "init": {"n_face": 15000, "n_head": 15000, "n_mouth": 3000},
+            "face": {"color": True},
         },
         "strategy": {"refine_start_iter": 1000, "refine_stop_iter": 40000, "refine_every": 100,
                      "max_gaussians": 250000},

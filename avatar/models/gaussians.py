@@ -201,6 +201,9 @@ class HeadInit:
     face_colors: np.ndarray
     mouth_points: np.ndarray
     mouth_colors: np.ndarray
+    face_region: Optional[np.ndarray] = None
+    """The face oval's landmarks and the nose tip of the mean shape [37, 3]: where the face
+    deformation may change colours (:func:`avatar.models.talking_head.face_region_gate`)."""
 
 
 def init_head(
@@ -245,7 +248,8 @@ def init_head(
     else:
         sel = slice(mouth_frame, mouth_frame + 1)
         mouth_cols = sample_colours(mouth_pts, world_to_cam[sel], K, frames[sel])
-    return HeadInit(face_all, face_cols, mouth_pts, mouth_cols)
+    region = np.asarray(face_mean, np.float64)[list(topology.FACE_OVAL) + [topology.NOSE_TIP]]
+    return HeadInit(face_all, face_cols, mouth_pts, mouth_cols, region)
 
 
 def gaussian_set_from_points(points: np.ndarray, colors: np.ndarray, config: GaussianInitConfig,

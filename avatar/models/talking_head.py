@@ -30,6 +30,7 @@ from avatar.models.deformation import (
 from avatar.models.gaussians import GaussianInitConfig, GaussianSet, HeadInit, gaussian_set_from_points
 from avatar.models.interface import FrameCondition
 from avatar.render import rasterize
+from avatar.topology import FACE_OVAL
 
 SH_C0 = 0.28209479177387814
 
@@ -122,6 +123,35 @@ def fit_boxes(config: TalkingHeadConfig, init: HeadInit) -> TalkingHeadConfig:
     return dataclasses.replace(config, face=face, mouth=mouth)
 
 
+def face_region_gate(points: Tensor, region: Tensor) -> Tensor:
+    """1.0 for the canonical ``points`` [N] on the face, else 0.0: inside the face oval seen from
+    the front, and in front of the oval's plane (so not the back of the head).
+
+    Colour offsets are confined to it: on the skin they draw lids and wrinkles; on the hair they
+    let every strand's colour follow the condition, which fits the training frames' strands and
+    made unseen frames worse (benchmarks/RESULTS.md).
+
+    Args:
+        points: [N, 3] in the canonical head frame.
+        region: [M + 1, 3], the oval's M landmarks in order, then the nose tip.
+    """
+    oval, nose = region[:-1].to(points), region[-1].to(points)
+    centre = oval.mean(dim=0)
+    _, _, vt = torch.linalg.svd(oval - centre, full_matrices=False)
+    u, v, normal = vt[0], vt[1], vt[2]
+    if torch.dot(nose - centre, normal) < 0:
+        normal = -normal
+    rel = points - centre
+    xy, poly = torch.stack([rel @ u, rel @ v], dim=-1), torch.stack([(oval - centre) @ u, (oval - centre) @ v], dim=-1)
+    x0, y0 = poly[:, 0], poly[:, 1]
+    x1, y1 = poly.roll(-1, dims=0)[:, 0], poly.roll(-1, dims=0)[:, 1]
+    px, py = xy[:, 0:1], xy[:, 1:2]
+    spans = (y0 > py) != (y1 > py)
+    x_cross = x0 + (py - y0) * (x1 - x0) / torch.where((y1 - y0).abs() > 1e-12, y1 - y0, torch.ones_like(y1))
+    inside = (spans & (px < x_cross)).sum(dim=1) % 2 == 1
+    return (inside & (rel @ normal > 0)).to(points.dtype)
+
+
 @dataclass
 class LayerGaussians:
     """Deformed Gaussians of one layer, ready for :func:`avatar.render.rasterize`."""
@@ -161,6 +191,9 @@ class TalkingHead(SpeechConditioned):
         self.mouth = GaussianSet.empty(n_mouth, config.sh_degree)
         self.face_deform = config.face.setup()
         self.mouth_deform = config.mouth.setup()
+        if config.face.color:
+            self.register_buffer("face_region", torch.zeros(len(FACE_OVAL) + 1, 3))
+            """Face oval landmarks and nose tip of the mean shape: where colours may change."""
 
     @classmethod
     def from_init(cls, config: TalkingHeadConfig, init: HeadInit) -> "TalkingHead":
@@ -171,6 +204,10 @@ class TalkingHead(SpeechConditioned):
         # The mouth interior starts darker and more transparent than the skin around it.
         with torch.no_grad():
             model.mouth.opacity_logits.fill_(0.0)
+            if config.face.color:
+                if init.face_region is None:
+                    raise ValueError("colour offsets (config.face.color) need the init's face_region")
+                model.face_region.copy_(torch.from_numpy(np.asarray(init.face_region)).float())
         return model
 
     @classmethod
@@ -229,7 +266,8 @@ class TalkingHead(SpeechConditioned):
             f_means, f_quats, f_logs = apply_deformation(face.means, face.quats, face.log_scales,
                                                          out.d_xyz, out.d_rot, out.d_scale)
             m_means = mouth.means + self.mouth_deform(mouth.means, cond.audio)
-            d_color = out.d_color
+            if out.d_color is not None:
+                d_color = out.d_color * face_region_gate(face.means.detach(), self.face_region)[:, None]
         face_layer = LayerGaussians(f_means, f_quats, torch.exp(f_logs), face.opacities, self._colors(face, d_color),
                                     colors_per_frame=d_color is not None)
         mouth_layer = LayerGaussians(m_means, mouth.quats, mouth.scales, mouth.opacities, self._colors(mouth))

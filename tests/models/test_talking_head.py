@@ -16,10 +16,18 @@ def _wall(z: float, n: int = 400, half: float = 0.05) -> np.ndarray:
     return np.stack([xx.ravel(), yy.ravel(), np.full(xx.size, z)], axis=1)
 
 
+def _oval(radius: float, z: float, nose_z: float, n: int = 36) -> np.ndarray:
+    """A face region: a circle of ``n`` landmarks in the plane ``z``, then a nose tip at ``nose_z``
+    (the camera looks along +z from z < 0, so the front is towards -z)."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.concatenate([np.stack([radius * np.cos(t), radius * np.sin(t), np.full(n, z)], 1), [[0, 0, nose_z]]])
+
+
 def _head(face_opacity: float, color: bool = False, sh_degree: int = 0) -> TalkingHead:
     face = _wall(0.0)
     mouth = _wall(0.02, n=100, half=0.02)
-    init = HeadInit(face, np.tile([0.9, 0.1, 0.1], (len(face), 1)), mouth, np.tile([0.1, 0.1, 0.9], (len(mouth), 1)))
+    init = HeadInit(face, np.tile([0.9, 0.1, 0.1], (len(face), 1)), mouth, np.tile([0.1, 0.1, 0.9], (len(mouth), 1)),
+                    _oval(0.1, z=0.01, nose_z=-0.02))
     torch.manual_seed(0)
     config = TalkingHeadConfig(sh_degree=sh_degree)
     config.face.color = color
@@ -98,3 +106,31 @@ def test_colour_offsets_start_at_zero_and_shift_the_base_colour():
     torch.testing.assert_close(shifted, torch.tensor([0.1, -0.05, 0.0]).expand_as(shifted))
     plain = _head(0.9)
     assert plain.face_deform.out.out_features == 10 and model.face_deform.out.out_features == 13
+
+
+def test_the_face_region_gate_is_inside_the_oval_and_in_front_of_it():
+    from avatar.models.talking_head import face_region_gate
+
+    region = torch.from_numpy(_oval(0.1, z=0.0, nose_z=-0.03)).float()
+    points = torch.tensor([[0.0, 0.0, -0.01],  # on the face: inside, in front
+                           [0.05, -0.06, -0.02],  # inside, in front
+                           [0.15, 0.0, -0.01],  # beside the face (hair, ears)
+                           [0.0, 0.0, 0.05],  # behind the oval's plane (back of the head)
+                           [0.0, 0.12, -0.01]])  # above the oval
+    torch.testing.assert_close(face_region_gate(points, region), torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]))
+    flipped = region.clone()
+    flipped[-1, 2] = 0.03  # the nose on the other side: the front is the other way
+    torch.testing.assert_close(face_region_gate(points, flipped), torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0]))
+
+
+def test_colour_offsets_leave_the_gaussians_outside_the_face_alone():
+    model = _head(0.9, color=True)
+    with torch.no_grad():
+        model.face_region.copy_(torch.from_numpy(_oval(0.03, z=0.01, nose_z=-0.02)).float())  # a small face
+        model.face_deform.out.bias[10:13] = 0.05
+    cond = FrameCondition(torch.randn(model.config.audio.code_dim), torch.rand(len(model.config.motion_features)))
+    shifted = (model.deform(cond)[0].colors - model.deform(None)[0].colors)[:, 0]
+    inside = model.face.means[:, :2].norm(dim=1) < 0.03
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(shifted[inside], torch.full_like(shifted[inside], 0.05))
+    assert not shifted[~inside].any()
