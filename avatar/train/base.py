@@ -117,12 +117,21 @@ class TrainerBase:
         torch.set_rng_state(tensors["rng/torch"])
         self.sampler.set_state(tensors["rng/sampler"])
 
+    @property
+    def extra_blink_share(self) -> float:
+        """The probability of drawing from the blink frames alone that makes them ``blink_share``
+        of the draws in all (0 when they are that share of the train frames already, or none)."""
+        natural = len(self.blink_idx) / max(len(self.train_idx), 1)
+        if not len(self.blink_idx) or natural >= self.config.blink_share:
+            return 0.0
+        return (self.config.blink_share - natural) / (1.0 - natural)
+
     def pick_frame(self) -> int:
-        """A random train frame's index: after the static stage, a blink frame with probability
-        ``blink_share`` (when the subject has any), else any train frame."""
+        """A random train frame's index: after the static stage, blink frames make at least
+        ``blink_share`` of the draws (when the subject has any); otherwise uniform."""
         pool = self.train_idx
-        if (len(self.blink_idx) and self.step >= self.config.static_iterations
-                and float(torch.rand((), generator=self.sampler)) < self.config.blink_share):
+        if (self.extra_blink_share > 0 and self.step >= self.config.static_iterations
+                and float(torch.rand((), generator=self.sampler)) < self.extra_blink_share):
             pool = self.blink_idx
         return int(pool[int(torch.randint(len(pool), (1,), generator=self.sampler))])
 

@@ -51,8 +51,9 @@ class BaseTrainConfig(Config):
     audio windows they encode), and far more than the one rendered frame, so the code sees every
     sentence of the subject many times over."""
     blink_share: float = 0.1
-    """Share of the conditioned steps (after ``static_iterations``) taken on a train frame with the
-    eyes closed, when the subject has any. Blinks are 1-3 % of a talking-head video's frames; drawn
-    uniformly, the eyelids got so few steps that no avatar learned to close its eyes, even on the
-    blink frames it trained on (and ``avatar render --blink`` had nothing to show)."""
+    """The least share of the conditioned steps (after ``static_iterations``) taken on a train
+    frame with the eyes closed, when the subject has any (one that blinks more is drawn uniformly).
+    Blinks are 1-3 % of a talking-head video's frames; drawn uniformly, the eyelids got so few
+    steps that no avatar learned to close its eyes, even on the blink frames it trained on (and
+    ``avatar render --blink`` had little to show)."""
     format_version: int = RUN_FORMAT_VERSION

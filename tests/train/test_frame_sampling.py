@@ -42,8 +42,18 @@ def test_blink_frames_get_their_share_of_the_conditioned_steps_only():
     conditioned = _trainer(blinks, 0.25, step=10)
     picks = np.array([conditioned.pick_frame() for _ in range(4000)])
     share = np.isin(picks, [7, 8]).mean()
-    assert 0.22 < share < 0.28  # 0.25 + 0.75 * 2 / 200
+    assert 0.22 < share < 0.28  # blink frames make a quarter of the draws
     static = _trainer(blinks, 0.25, step=9)  # no conditions yet: a blink would be baked into the head
     assert np.isin([static.pick_frame() for _ in range(4000)], [7, 8]).mean() < 0.03
     never = _trainer(np.zeros(200), 0.25, step=10)
     assert len({never.pick_frame() for _ in range(2000)}) > 150
+
+
+def test_a_subject_that_blinks_often_enough_is_drawn_uniformly():
+    blinks = np.zeros(100)
+    blinks[:30] = 1.0  # 30 % of the frames: more than the share asked for
+    trainer = _trainer(blinks, 0.25, step=10)
+    assert trainer.extra_blink_share == 0.0
+    assert 0.26 < np.mean(np.array([trainer.pick_frame() for _ in range(4000)]) < 30) < 0.34
+    few = _trainer(np.r_[np.ones(10), np.zeros(90)], 0.25, step=10)  # 10 %: topped up to 25 %
+    assert abs(few.extra_blink_share - (0.25 - 0.1) / 0.9) < 1e-9
