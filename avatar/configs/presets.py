@@ -14,8 +14,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {
         "resolution": 256,
         "iterations": 3000,
-        "iterations_per_frame": 4.0,
-        "max_iterations": 4500,
         "static_iterations": 300,
         "smooth_audio_after": 1000,
         "checkpoint_every": 1000,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import numpy as np
@@ -383,11 +382,12 @@ def test_long_subjects_get_more_steps_up_to_the_cap_unless_the_count_is_given():
     from avatar.train.trainer import iterations_for, make_config
 
     fast = make_config("fast")
-    assert iterations_for(fast, 150) == fast.iterations  # an 8 s clip: the preset's count
-    assert iterations_for(fast, 1000) == int(math.ceil(fast.iterations_per_frame * 1000))
-    assert iterations_for(fast, 10_000) == fast.max_iterations
-    assert iterations_for(make_config("fast", {"iterations_per_frame": 0.0}), 10_000) == fast.iterations
-    assert iterations_for(make_config("fast", {"max_iterations": 0}), 2000) == int(fast.iterations_per_frame * 2000)
+    assert iterations_for(fast, 10_000) == fast.iterations  # the preset does not scale
+    scaled = make_config("fast", {"iterations_per_frame": 4.0, "max_iterations": 4500})
+    assert iterations_for(scaled, 150) == 3000  # an 8 s clip: the preset's count
+    assert iterations_for(scaled, 1001) == 4004
+    assert iterations_for(scaled, 10_000) == 4500
+    assert iterations_for(make_config("fast", {"iterations_per_frame": 4.0}), 2000) == 8000  # no cap
 
 
 def test_a_new_run_records_the_scaled_count_and_keeps_a_given_one(small_subject, tmp_path):
