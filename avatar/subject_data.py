@@ -17,7 +17,7 @@ from torch import Tensor
 
 from avatar import topology
 from avatar.errors import InputError
-from avatar.models.talking_head import GAZE_FEATURES, LAG_FEATURES, POSE_FEATURES
+from avatar.models.talking_head import BLINK_NAMES, GAZE_FEATURES, LAG_FEATURES, POSE_FEATURES
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
 
@@ -147,7 +147,7 @@ def condition_tracks(tracks: dict[str, np.ndarray], names: Sequence[str], pose_r
         out[:, column] = values
     if any(name in GAZE_FEATURES for name in names):
         valid = np.asarray(tracks["valid"], bool)
-        blink = [available.index(n) for n in ("eye_blink_left", "eye_blink_right") if n in available]
+        blink = [available.index(n) for n in BLINK_NAMES if n in available]
         if blink:  # the iris is hidden under closing lids: its landmark then says nothing of the gaze
             valid = valid & ~(tracks["blendshapes"][:, blink].mean(axis=1) > BLINK_HIDES_GAZE)
         gaze = gaze_features(tracks["landmarks"], valid)
