@@ -80,7 +80,8 @@ class TalkingHeadConfig(Config):
     face: FaceDeformationConfig = field(default_factory=FaceDeformationConfig)
     mouth: MouthDeformationConfig = field(default_factory=MouthDeformationConfig)
     motion_features: tuple[str, ...] = MOTION_FEATURES
-    """Names of the non-audio condition tracks: blendshapes of the subject, ``GAZE_FEATURES`` or ``POSE_FEATURES``."""
+    """Names of the non-audio condition tracks: blendshapes of the subject, ``POSE_FEATURES``, ``GAZE_FEATURES``
+    or ``LAG_FEATURES``."""
     box_margin: float = 0.25
     """Margin around the canonical points of the deformation fields' bounding boxes (share of the extent)."""
     mouth_targets: tuple[str, ...] = MOUTH_TARGETS
