@@ -30,6 +30,16 @@ EYE_OUTER_RIGHT, EYE_OUTER_LEFT = 33, 263
 """Outer eye corners: their distance normalises the opening for face size and distance."""
 
 
+def _image_xy(landmarks: np.ndarray) -> np.ndarray:
+    """The x, y of [T, 478, D] or [478, D] landmarks (D >= 2) as float64 [T, 478, 2]."""
+    a = np.asarray(landmarks, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1] != N_LANDMARKS or a.shape[2] < 2:
+        raise ValueError(f"landmarks must be [T, {N_LANDMARKS}, 2] (or 3), got shape {a.shape}")
+    return a[..., :2]
+
+
 def inner_lip_opening(landmarks: np.ndarray) -> np.ndarray:
     """Mouth opening per frame: inner-lip gap (13-14) over the outer-eye-corner distance (33-263).
 
@@ -42,12 +52,7 @@ def inner_lip_opening(landmarks: np.ndarray) -> np.ndarray:
     Returns:
         float64 [T]; NaN where the face is missing (NaN landmarks or coincident eye corners).
     """
-    a = np.asarray(landmarks, dtype=np.float64)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3 or a.shape[1] != N_LANDMARKS or a.shape[2] < 2:
-        raise ValueError(f"landmarks must be [T, {N_LANDMARKS}, 2] (or 3), got shape {a.shape}")
-    a = a[..., :2]
+    a = _image_xy(landmarks)
     gap = np.linalg.norm(a[:, UPPER_LIP_INNER] - a[:, LOWER_LIP_INNER], axis=-1)
     eyes = np.linalg.norm(a[:, EYE_OUTER_RIGHT] - a[:, EYE_OUTER_LEFT], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -79,12 +84,7 @@ def iris_offset(landmarks: np.ndarray) -> np.ndarray:
     Returns:
         float64 [T, 2]; NaN where the face is missing (NaN landmarks or coincident corners).
     """
-    a = np.asarray(landmarks, dtype=np.float64)
-    if a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3 or a.shape[1] != N_LANDMARKS or a.shape[2] < 2:
-        raise ValueError(f"landmarks must be [T, {N_LANDMARKS}, 2] (or 3), got shape {a.shape}")
-    a = a[..., :2]
+    a = _image_xy(landmarks)
     per_eye = []
     for side, (c0, c1) in EYE_CORNERS.items():
         axis = a[:, c1] - a[:, c0]
