@@ -206,7 +206,8 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
         click.echo(f"Trained {result.steps} steps in {result.seconds / 60:.1f} min: {size}"
                    f"train PSNR {result.last_psnr:.2f} dB. Run: {result.run_dir}")
     if m:
-        parts = [f"PSNR {m['psnr']:.2f} dB ({m['psnr_plate']:.2f} over the plate)"]
+        parts = [f"PSNR {m['psnr']:.2f} dB (face pasted into the frame; whole head {m['psnr_frame']:.2f} into the "
+                 f"frame, {m['psnr_plate']:.2f} over the plate)"]
         if m.get("psnr_head") is not None:
             parts.append(f"head PSNR {m['psnr_head']:.2f} dB")
         parts.append(f"SSIM {m['ssim']:.3f}")
@@ -222,8 +223,10 @@ def train(subject: Path, run_dir: Path, model: str, preset: str, iters: int | No
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .mp4.")
 @click.option("--pose", default="loop", show_default=True, help="loop, static, static:N or a pose .npz.")
 @click.option("--blink", default="auto", show_default=True, help="auto, none or a per-frame blink file.")
-@click.option("--background", type=click.Choice(["frame", "plate"]), default="frame", show_default=True,
-              help="What the head goes over: each subject frame's own pixels, or its torso over the background plate.")
+@click.option("--background", type=click.Choice(["face", "frame", "plate"]), default="face", show_default=True,
+              help="face: the rendered face pasted into each subject frame (its hair and background kept); frame: the "
+                   "whole rendered head over the frame's own pixels; plate: the whole head over its torso and the "
+                   "background plate.")
 @click.option("--size", type=SIZE, default=None,
               help="Output resolution (even; an odd one is rounded up) [default: the training one].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

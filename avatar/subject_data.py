@@ -54,22 +54,47 @@ class Frame:
     motion: Tensor
     """[E] the face branch's non-audio condition (eye and brow tracks, head rotation)."""
 
-    def over(self, composite: str) -> Tensor:
-        """The background of ``composite`` (one of :data:`COMPOSITES`). [H, W, 3]
+    def over(self, background: str) -> Tensor:
+        """The background named ``background`` (one of :data:`BACKGROUNDS`). [H, W, 3]
 
         Raises:
-            ValueError: an unknown composite.
+            ValueError: an unknown background.
         """
-        if composite == "frame":
+        if background == "frame":
             return self.background
-        if composite == "plate":
+        if background == "plate":
             return self.plate_background
-        raise ValueError(f"background must be one of {', '.join(COMPOSITES)}, got {composite!r}")
+        raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}")
+
+    def face_weight(self) -> Tensor:
+        """[H, W, 1] where the ``face`` composite shows the render (:func:`face_paste_weight` of the
+        skin and mouth interior). Computed when asked: training never needs it."""
+        return face_paste_weight((self.skin_mask + self.mouth_mask) > 0.5, self.image.shape[0])
+
+    def paste_face(self, rendered: Tensor) -> Tensor:
+        """``rendered`` (the head over :attr:`background`) shown on the face, the frame itself around
+        it (the ``face`` composite). [H, W, 3]"""
+        weight = self.face_weight()
+        return weight * rendered + (1.0 - weight) * self.image
 
 
-COMPOSITES = ("frame", "plate")
-"""What the rendered head goes over: the subject frame's own pixels (``frame``, the default) or
-its torso over the background plate (``plate``, what every frame looked like before)."""
+BACKGROUNDS = ("frame", "plate")
+"""What the rendered head goes over: the subject frame's own pixels with the original head
+replaced (``frame``) or its torso over the background plate (``plate``, what every frame looked
+like before). Training composites over one of them."""
+
+COMPOSITES = ("face", "frame", "plate")
+"""What an output frame is made of, when its head pose is a subject frame's. ``face`` (the
+default): the rendered face pasted into the subject frame, whose hair, ears, neck and
+background stay (the paste-back of dubbing tools); ``frame``: the whole rendered head over the
+frame's own pixels; ``plate``: the whole rendered head over the frame's torso and the plate."""
+
+DEFAULT_COMPOSITE = "face"
+"""``avatar render``'s composite, and the one ``avatar eval`` reports as ``psnr``."""
+
+JAW_ROOM = 0.08
+"""How far below the original face the ``face`` composite still shows the render, as a share of
+the image side: room for a chin that new speech lowers further than the original did."""
 
 
 def head_feather(head: Tensor, resolution: int) -> Tensor:
@@ -84,6 +109,20 @@ def head_feather(head: Tensor, resolution: int) -> Tensor:
     grown = torch.nn.functional.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
     soft = torch.nn.functional.avg_pool2d(grown, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
     return soft[0].permute(1, 2, 0)  # [H, W, 1]
+
+
+def face_paste_weight(face: Tensor, resolution: int, jaw_room: float = JAW_ROOM) -> Tensor:
+    """[H, W, 1] weight of the render in the ``face`` composite: 1 on the original face (skin and
+    mouth interior) and ``jaw_room`` of the image below it, fading out like :func:`head_feather`.
+
+    Below the original chin the render is the head over the frame's own pixels (the neck), so
+    the room costs nothing where the new chin does not reach and keeps a chin that drops lower.
+    """
+    room = max(1, round(jaw_room * resolution))
+    # A pixel is inside when the face covers it or any of the ``room`` pixels above it.
+    covered = torch.nn.functional.pad(face[..., 0].float().cumsum(0), (0, 0, room + 1, 0))
+    inside = covered[room + 1:] > covered[: -room - 1]
+    return head_feather(inside[..., None], resolution)
 
 
 def frame_background(image: Tensor, head_weight: Tensor, plate_background: Tensor) -> Tensor:

@@ -132,6 +132,35 @@ def test_the_frame_composite_is_the_frame_itself_away_from_the_head(small_subjec
     assert not torch.equal(frame.plate_background[far], frame.image[far])
 
 
+def test_face_paste_weight_covers_the_face_and_room_for_the_jaw_below_it():
+    from avatar.subject_data import face_paste_weight
+
+    face = torch.zeros(64, 64, 1, dtype=torch.bool)
+    face[20:30, 20:40] = True
+    w = face_paste_weight(face, 256, jaw_room=0.03)[..., 0]  # 8 px of jaw room, 2 px feather at 256
+    assert bool((w[20:38, 20:40] == 1.0).all())  # the face and 8 rows under it: the render
+    assert bool((w[:16] == 0).all()) and bool((w[42:] == 0).all())  # above and far below: the frame
+    assert bool((w[:, :16] == 0).all()) and bool((w[:, 44:] == 0).all())  # no room at the sides
+    assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+
+
+def test_the_face_composite_is_the_frame_itself_off_the_face(small_subject):
+    from avatar.subject import LABEL
+
+    _, subject = small_subject
+    data = SubjectData(subject, 128, MOTION_FEATURES)
+    index = int(data.split("val")[0])
+    frame = data.frame(index)
+    rendered = torch.zeros_like(frame.image)
+    pasted = frame.paste_face(rendered)
+    off = (frame.face_weight() == 0).expand_as(frame.image)
+    labels = torch.from_numpy(np.asarray(data.masks[index]))
+    on = ((labels == LABEL["face"]) | (labels == LABEL["mouth_interior"]))[..., None].expand_as(frame.image)
+    hair = (labels == LABEL["hair"])[..., None].expand_as(frame.image)
+    assert bool(on.any()) and bool((pasted[on] == 0).all())  # the face: the render
+    assert bool((off & hair).any()) and torch.equal(pasted[off], frame.image[off])  # hair above it: the frame
+
+
 def _eyes(iris_dx: float, iris_dy: float, scale: float = 1.0, angle_deg: float = 0.0) -> np.ndarray:
     """One face's landmarks: eyes 1 wide, irises offset by (dx, dy) eye widths in the eye's axes,
     the whole face scaled and turned in the image plane."""

@@ -1,15 +1,17 @@
 """Evaluation of a trained head on a split of its subject (by default the never-trained val split).
 
 Each frame is re-rendered with its true audio, eye tracks, camera and torso, and compared with
-the ground truth: PSNR of the whole frame (``psnr``: the head composited into the frame's own
-pixels, the default of ``avatar render``; ``psnr_plate``: over the torso and background plate,
-the only composite before) and of the head region, SSIM, LPIPS where its weights
-load, mouth-landmark distance (mediapipe on both images) and the correlation of the rendered and
-true inner-lip opening over the split. ``region_psnr`` and ``region_error_share`` break the
-squared error down by the subject's label regions (background, torso, face, mouth, hair): where
-the render is wrong, not only how much. ``temporal_psnr_head`` and ``head_jitter_px``
-(:class:`avatar.image_metrics.TemporalStability`) measure flicker and wobble between consecutive
-frames.
+the ground truth. The whole frame is scored three ways (:data:`avatar.subject_data.COMPOSITES`):
+``psnr`` on ``avatar render``'s default, the rendered face pasted into the frame (the frame's
+own hair, ears and background around it); ``psnr_frame`` with the whole rendered head over the
+frame's own pixels; ``psnr_plate`` with the whole head over the torso and background plate.
+SSIM, LPIPS (where its weights load), the mouth-landmark distance (mediapipe on both images)
+and the correlation of the rendered and true inner-lip opening are measured on the default
+composite, the video a user gets. What the model itself renders is judged on the whole head:
+``psnr_head`` (the head region), ``region_psnr`` and ``region_error_share`` (the squared error
+by the subject's label regions: background, torso, face, mouth, hair), ``temporal_psnr_head``
+and ``head_jitter_px`` (:class:`avatar.image_metrics.TemporalStability`: flicker and wobble
+between consecutive frames).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from avatar.run import LoadedAvatar, RunPaths, load_avatar, read_config, resolve
 from avatar.speak import SpeechDriver
 from avatar.speak.render import MAX_SIZE, MIN_SIZE
 from avatar.subject import MASK_LEGEND, SubjectPaths, read_manifest
-from avatar.subject_data import SubjectData
+from avatar.subject_data import COMPOSITES, DEFAULT_COMPOSITE, SubjectData
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,11 @@ def _u8(image: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def render_split(model: AvatarModel, data: SubjectData, indices: np.ndarray, progress: Optional[Progress] = None,
                  step_name: str = "evaluate"):
-    """Yield (index, rendered uint8 [H, W, 3] over the frame's own pixels, the same over the plate,
-    the head's alpha [H, W], frame) for each index, rendering with its true condition.
+    """Yield (index, {composite: rendered uint8 [H, W, 3]}, the head's alpha [H, W], frame) for
+    each index, rendering with its true condition.
 
-    The head is rendered once, over nothing, and composited over both backgrounds
-    (:data:`avatar.subject_data.COMPOSITES`): ``rgb`` over black is the head premultiplied by its alpha.
+    The head is rendered once, over nothing, and composited every way of
+    :data:`avatar.subject_data.COMPOSITES`: ``rgb`` over black is the head premultiplied by its alpha.
     """
     r = data.resolution
     driver = SpeechDriver(model, data)
@@ -61,8 +63,10 @@ def render_split(model: AvatarModel, data: SubjectData, indices: np.ndarray, pro
         cond = driver.subject_condition([int(i)])
         out = model.render(FrameCondition(cond.audio[0], cond.motion[0]), frame.viewmat, frame.K, r, r, None)
         head, alpha = out["rgb"], out["head_alpha"]
-        yield (int(i), _u8(head + (1 - alpha) * frame.background), _u8(head + (1 - alpha) * frame.plate_background),
-               alpha[..., 0], frame)
+        whole = head + (1 - alpha) * frame.background
+        images = {"face": _u8(frame.paste_face(whole)), "frame": _u8(whole),
+                  "plate": _u8(head + (1 - alpha) * frame.plate_background)}
+        yield int(i), images, alpha[..., 0], frame
 
 
 def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", progress: Optional[Progress] = None,
@@ -75,7 +79,8 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
     if len(indices) == 0:
         raise ValueError(f"the {split} split has no tracked frames")
     model.eval()
-    psnrs, plate_psnrs, head_psnrs, ssims, lpipses = [], [], [], [], []
+    psnrs: dict[str, list[float]] = {name: [] for name in COMPOSITES}
+    head_psnrs, ssims, lpipses = [], [], []
     regions = RegionErrors(MASK_LEGEND)
     temporal = TemporalStability(data.resolution)
     start = time.perf_counter()
@@ -86,19 +91,22 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
         pred_track = stack.enter_context(MouthTracker().session()) if landmarks else None
         gt_track = stack.enter_context(MouthTracker().session()) if landmarks else None
         t0 = time.perf_counter()
-        for index, pred_u8, plate_u8, head_alpha, frame in render_split(model, data, indices, progress):
+        for index, images, head_alpha, frame in render_split(model, data, indices, progress):
             render_seconds += time.perf_counter() - t0
-            pred = torch.from_numpy(pred_u8).float() / 255.0
             gt = frame.image.cpu()
             gt_u8 = (gt * 255).round().byte().numpy()
-            psnrs.append(psnr(pred, gt))
-            plate_psnrs.append(psnr(torch.from_numpy(plate_u8).float() / 255.0, gt))
+            as_float = {name: torch.from_numpy(image).float() / 255.0 for name, image in images.items()}
+            for name, image in as_float.items():
+                psnrs[name].append(psnr(image, gt))
+            # The video people get is the default composite; what the model renders is judged on
+            # the whole head (the face composite shows the frame's own hair).
+            pred_u8, pred, whole = images[DEFAULT_COMPOSITE], as_float[DEFAULT_COMPOSITE], as_float["frame"]
             head = frame.head_mask[..., 0].cpu() > 0.5
             if head.any():
-                head_psnrs.append(psnr(pred, gt, mask=head))
-            temporal.add(index, pred, gt, head_alpha, head)
+                head_psnrs.append(psnr(whole, gt, mask=head))
+            temporal.add(index, whole, gt, head_alpha, head)
             ssims.append(ssim(pred, gt))
-            regions.add(pred, gt, np.asarray(data.masks[frame.index]))
+            regions.add(whole, gt, np.asarray(data.masks[frame.index]))
             lp = lpips_or_none(pred, gt)
             if lp is not None:
                 lpipses.append(lp)
@@ -112,8 +120,10 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
             pred_lm, gt_lm = pred_track.landmarks(), gt_track.landmarks()
     metrics: dict[str, Any] = {
         "split": split,
-        "psnr": float(np.mean(psnrs)),
-        "psnr_plate": float(np.mean(plate_psnrs)),
+        "composite": DEFAULT_COMPOSITE,
+        "psnr": float(np.mean(psnrs[DEFAULT_COMPOSITE])),
+        "psnr_frame": float(np.mean(psnrs["frame"])),
+        "psnr_plate": float(np.mean(psnrs["plate"])),
         "psnr_head": float(np.mean(head_psnrs)) if head_psnrs else None,
         "ssim": float(np.mean(ssims)),
         "lpips": float(np.mean(lpipses)) if lpipses else None,

@@ -28,7 +28,7 @@ from avatar.progress import Progress, null_progress, report_status
 from avatar.run import RunPaths, load_avatar, resolve_device
 from avatar.speak.driver import DriveOptions, DrivePlan, SpeechDriver, SpeechSource, WavSpeech
 from avatar.subject import SubjectPaths
-from avatar.subject_data import COMPOSITES, SubjectData
+from avatar.subject_data import COMPOSITES, DEFAULT_COMPOSITE, SubjectData
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class RenderOptions:
     """Frames per audio-feature block (bounds memory for long speech)."""
     seed: int = 0
     """Seed of the automatic blink timing."""
-    background: str = "frame"
-    """What the head goes over: ``frame`` (each subject frame's own pixels, the original head
-    replaced) or ``plate`` (its torso over the background plate); see
-    :data:`avatar.subject_data.COMPOSITES`."""
+    background: str = DEFAULT_COMPOSITE
+    """What each output frame is made of: ``face`` (the rendered face pasted into the subject
+    frame, its hair and background kept), ``frame`` (the whole rendered head over the subject
+    frame's own pixels) or ``plate`` (the whole head over its torso and the background plate);
+    see :data:`avatar.subject_data.COMPOSITES`. With a pose file, ``face`` renders as ``frame``:
+    the frame's hair belongs to the frame's pose, not the file's."""
     device: str = "auto"
     crf: int = 18
     subject: Optional[Path] = None
@@ -121,17 +123,25 @@ def _check_inputs(run_dir: Path, speech: Path, output: Path, options: RenderOpti
 
 @torch.no_grad()
 def rendered_batches(driver: SpeechDriver, speech: SpeechSource, plan: DrivePlan, batch: int = 8,
-                     block: int = 256, background: str = "frame") -> Iterator[tuple[np.ndarray, float]]:
+                     block: int = 256, background: str = DEFAULT_COMPOSITE) -> Iterator[tuple[np.ndarray, float]]:
     """The avatar saying ``speech`` as planned: uint8 frames [B, S, S, 3] at the driver's subject
     resolution, batch after batch, each with the seconds its deformation and rasterization took
     (the audio codes' time is not counted: that is the render speed people compare).
 
-    ``background``: ``frame`` or ``plate`` (:data:`avatar.subject_data.COMPOSITES`)."""
+    ``background``: one of :data:`avatar.subject_data.COMPOSITES`; ``face`` with a pose file
+    (``plan.viewmats``) composites as ``frame``."""
     data, model, size = driver.data, driver.model, driver.data.resolution
+    if background not in COMPOSITES:
+        raise ValueError(f"background must be one of {', '.join(COMPOSITES)}, got {background!r}")
+    paste = background == "face" and plan.viewmats is None
+    under = "plate" if background == "plate" else "frame"
     for driven in driver.frames(speech, DriveOptions(block=block), batch, plan):
         t0 = time.perf_counter()
-        backgrounds = torch.stack([data.frame(int(i)).over(background) for i in driven.subject_frames])
+        subject_frames = [data.frame(int(i)) for i in driven.subject_frames]
+        backgrounds = torch.stack([f.over(under) for f in subject_frames])
         frames = model.render_many(driven.condition, driven.viewmats, data.K, size, size, backgrounds)
+        if paste:
+            frames = torch.stack([f.paste_face(rendered) for f, rendered in zip(subject_frames, frames)])
         images = (frames.clamp(0, 1) * 255).round().byte().cpu().numpy()
         yield images, time.perf_counter() - t0
 
@@ -171,6 +181,9 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
         n = max(1, int(round(duration * driver.fps)))
         plan = driver.plan(n, DriveOptions(pose=options.pose, blink=options.blink, seed=options.seed,
                                            block=options.block))
+        if options.background == "face" and plan.viewmats is not None:
+            log.info("A pose file moves the head away from the subject frames' poses: the whole head is rendered "
+                     "(--background frame), not only the face.")
         report("render", 0, n)
         rendered = 0
         render_seconds = 0.0

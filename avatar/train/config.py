@@ -44,7 +44,7 @@ class BaseTrainConfig(Config):
     background: str = "plate"
     """What the rendered head is composited over in training: ``plate`` (the frame's torso over the
     background plate) or ``frame`` (the frame's own pixels around the original head, as ``avatar
-    render`` composites by default); see :data:`avatar.subject_data.COMPOSITES`."""
+    render --background frame`` composites); see :data:`avatar.subject_data.BACKGROUNDS`."""
     mouth_batch: int = 64
     """Train frames per step on which the audio code's mouth read-out is taught (``loss.audio_mouth``),
     in runs of :data:`avatar.train.losses.MOUTH_RUN` consecutive frames: cheap (no rendering, and neighbours share the

@@ -48,7 +48,7 @@ from avatar.run import (
     subject_reference,
 )
 from avatar.subject import SubjectPaths, read_manifest
-from avatar.subject_data import COMPOSITES, SubjectData
+from avatar.subject_data import BACKGROUNDS, SubjectData
 from avatar.train.base import TrainerBase, initial_head
 from avatar.train.config import BaseTrainConfig
 from avatar.train.losses import LossWeights, compute_loss
@@ -129,8 +129,8 @@ def check_config(config: TrainConfig) -> None:
             raise AvatarError(f"{name} must be a whole number of at least 1, got {value!r}.")
     if isinstance(config.resolution, bool) or not isinstance(config.resolution, int) or config.resolution < 16:
         raise AvatarError(f"resolution must be a whole number of at least 16 pixels, got {config.resolution!r}.")
-    if config.background not in COMPOSITES:
-        raise AvatarError(f"background must be one of {', '.join(COMPOSITES)}, got {config.background!r}.")
+    if config.background not in BACKGROUNDS:
+        raise AvatarError(f"background must be one of {', '.join(BACKGROUNDS)}, got {config.background!r}.")
     minutes = config.checkpoint_minutes
     if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not 0 <= minutes < math.inf:
         raise AvatarError(f"checkpoint_minutes must be a number of minutes >= 0 (0: off), got {minutes!r}.")

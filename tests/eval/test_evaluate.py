@@ -22,7 +22,8 @@ def test_eval_writes_json_and_video(tiny_run, tmp_path):
     result = _invoke("eval", tiny_run, "--json", js, "--video", video)
     assert result.exit_code == 0, result.output
     metrics = json.loads(js.read_text())
-    for key in ("psnr", "psnr_plate", "psnr_head", "ssim", "lpips", "lmd", "mouth_corr", "n_frames", "render_fps",
+    assert metrics["composite"] == "face"
+    for key in ("psnr", "psnr_frame", "psnr_plate", "psnr_head", "ssim", "lpips", "lmd", "mouth_corr", "n_frames", "render_fps",
                 "resolution", "device"):
         assert key in metrics
     # An empty head scores psnr 17.7 / psnr_head 11.2 on this fixture, the 6-step run 22.9 / 19.4.
@@ -56,4 +57,6 @@ def test_eval_scores_a_trained_head_above_an_empty_one(tiny_run):
     assert trained["psnr"] > empty["psnr"] + 2.0
     # Outside the head the frame composite is the frame itself, and on its rim a mix of the frame
     # and the plate composite: never further from the truth than the plate composite alone.
-    assert empty["psnr"] >= empty["psnr_plate"], empty
+    assert empty["psnr_frame"] >= empty["psnr_plate"], empty
+    # The face composite shows the frame itself beyond the face: the empty head's hair is the truth.
+    assert empty["psnr"] > empty["psnr_frame"] and empty["region_psnr"]["hair"] < 20.0, empty

@@ -39,14 +39,23 @@ def test_render_pose_and_blink_options(tiny_run, tmp_path):
     np.savez(poses, cam_to_world=tracks["cam_to_world"][:5], frame_index=np.arange(5))
     result = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "posed.mp4", "--pose", poses)
     assert result.exit_code == 0, result.output
+    # A pose file is not the frames' poses: the face composite renders the whole head, as --background frame.
+    whole = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "posed_frame.mp4", "--pose", poses,
+                    "--background", "frame")
+    assert whole.exit_code == 0, whole.output
+    np.testing.assert_array_equal(np.stack(list(media.iter_frames(tmp_path / "posed.mp4"))),
+                                  np.stack(list(media.iter_frames(tmp_path / "posed_frame.mp4"))))
     bad = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "p.mp4", "--pose", tmp_path / "nope.npz")
     assert bad.exit_code == 1 and "--pose" in bad.output
-    plate = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "plate.mp4", "--pose", "static",
-                    "--blink", "none", "--background", "plate")
-    assert plate.exit_code == 0, plate.output
-    over_frame = np.stack(list(media.iter_frames(tmp_path / "static.mp4"))).astype(float)
+    for background in ("plate", "frame"):
+        result = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / f"{background}.mp4", "--pose",
+                         "static", "--blink", "none", "--background", background)
+        assert result.exit_code == 0, result.output
+    face = np.stack(list(media.iter_frames(tmp_path / "static.mp4"))).astype(float)  # the default: face
+    over_frame = np.stack(list(media.iter_frames(tmp_path / "frame.mp4"))).astype(float)
     over_plate = np.stack(list(media.iter_frames(tmp_path / "plate.mp4"))).astype(float)
-    assert over_frame.shape == over_plate.shape and np.abs(over_frame - over_plate).mean() > 0.1
+    assert face.shape == over_frame.shape == over_plate.shape
+    assert np.abs(over_frame - over_plate).mean() > 0.1 and np.abs(face - over_frame).mean() > 0.1
     wrong = _invoke("render", tiny_run, "--audio", speech, "-o", tmp_path / "w.mp4", "--background", "wall")
     assert wrong.exit_code == 2 and "--background" in wrong.output
 
