@@ -97,6 +97,11 @@ JAW_ROOM = 0.08
 the image side: room for a chin that new speech lowers further than the original did."""
 
 
+def feather_pixels(resolution: int) -> int:
+    """``d`` of the composites' feathers: 2 px at 256, scaled with the resolution."""
+    return max(1, round(2 * resolution / 256))
+
+
 def head_feather(head: Tensor, resolution: int) -> Tensor:
     """[H, W, 1] weight of the plate composite: 1 on the head mask, falling to 0 over the ``2 d``
     pixels around it (``d`` = 2 px at 256, scaled with the resolution).
@@ -104,7 +109,7 @@ def head_feather(head: Tensor, resolution: int) -> Tensor:
     The segmentation's head edge is a pixel or two off where hair meets the background; a hard
     edge would leave a rim of the original head (or a seam) around the new one.
     """
-    d = max(1, round(2 * resolution / 256))
+    d = feather_pixels(resolution)
     m = head.float().permute(2, 0, 1)[None]  # [1, 1, H, W]
     grown = torch.nn.functional.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
     soft = torch.nn.functional.avg_pool2d(grown, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
@@ -113,16 +118,22 @@ def head_feather(head: Tensor, resolution: int) -> Tensor:
 
 def face_paste_weight(face: Tensor, resolution: int, jaw_room: float = JAW_ROOM) -> Tensor:
     """[H, W, 1] weight of the render in the ``face`` composite: 1 on the original face (skin and
-    mouth interior) and ``jaw_room`` of the image below it, fading out like :func:`head_feather`.
+    mouth interior) and ``jaw_room`` of the image below it, fading to 0 at its edge over the ``2 d``
+    pixels inside it (``d`` as in :func:`head_feather`).
 
     Below the original chin the render is the head over the frame's own pixels (the neck), so
     the room costs nothing where the new chin does not reach and keeps a chin that drops lower.
+    The fade lies inside the face, so the seam runs over skin in both images rather than over the
+    rendered face's rim, which sits a pixel or two off the real one where hair meets the cheek.
     """
     room = max(1, round(jaw_room * resolution))
     # A pixel is inside when the face covers it or any of the ``room`` pixels above it.
     covered = torch.nn.functional.pad(face[..., 0].float().cumsum(0), (0, 0, room + 1, 0))
-    inside = covered[room + 1:] > covered[: -room - 1]
-    return head_feather(inside[..., None], resolution)
+    inside = (covered[room + 1:] > covered[: -room - 1]).float()[None, None]  # [1, 1, H, W]
+    d = feather_pixels(resolution)
+    shrunk = -torch.nn.functional.max_pool2d(-inside, 2 * d + 1, stride=1, padding=d)
+    soft = torch.nn.functional.avg_pool2d(shrunk, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
+    return soft[0].permute(1, 2, 0)  # [H, W, 1]
 
 
 def frame_background(image: Tensor, head_weight: Tensor, plate_background: Tensor) -> Tensor:

@@ -138,9 +138,10 @@ def test_face_paste_weight_covers_the_face_and_room_for_the_jaw_below_it():
     face = torch.zeros(64, 64, 1, dtype=torch.bool)
     face[20:30, 20:40] = True
     w = face_paste_weight(face, 256, jaw_room=0.03)[..., 0]  # 8 px of jaw room, 2 px feather at 256
-    assert bool((w[20:38, 20:40] == 1.0).all())  # the face and 8 rows under it: the render
-    assert bool((w[:16] == 0).all()) and bool((w[42:] == 0).all())  # above and far below: the frame
-    assert bool((w[:, :16] == 0).all()) and bool((w[:, 44:] == 0).all())  # no room at the sides
+    assert bool((w[24:34, 24:36] == 1.0).all())  # the face and 8 rows under it, 4 px in: the render
+    assert bool((w[:20] == 0).all()) and bool((w[38:] == 0).all())  # above and below: the frame
+    assert bool((w[:, :20] == 0).all()) and bool((w[:, 40:] == 0).all())  # nothing outside the sides
+    assert 0.0 < float(w[20, 30]) < float(w[22, 30]) < 1.0  # the fade, inside the face's edge
     assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
 
 
@@ -157,7 +158,9 @@ def test_the_face_composite_is_the_frame_itself_off_the_face(small_subject):
     labels = torch.from_numpy(np.asarray(data.masks[index]))
     on = ((labels == LABEL["face"]) | (labels == LABEL["mouth_interior"]))[..., None].expand_as(frame.image)
     hair = (labels == LABEL["hair"])[..., None].expand_as(frame.image)
-    assert bool(on.any()) and bool((pasted[on] == 0).all())  # the face: the render
+    inner = (frame.face_weight() == 1).expand_as(frame.image)
+    assert bool((inner & on).any()) and bool((pasted[inner] == 0).all())  # inside the face: the render
+    assert bool((pasted[on] < frame.image[on]).any())  # ... and fading into the frame at its edge
     assert bool((off & hair).any()) and torch.equal(pasted[off], frame.image[off])  # hair above it: the frame
 
 
