@@ -86,6 +86,13 @@ class DensifyStrategy:
     max_gaussians: int = 0
     """Never grow beyond this many Gaussians; 0 means no cap. When the candidates would exceed
     it, the ones with the highest gradient win. Pruning never removes Gaussians to meet it."""
+    recycle_share: float = 0.0
+    """At the cap, retire up to this share of the set at each refinement (the least opaque ones,
+    below ``recycle_opa``) so that as many high-gradient candidates can grow in their place: a
+    capped set otherwise stops moving Gaussians to where the image wants detail once it is full.
+    0 (default) switches it off."""
+    recycle_opa: float = 0.05
+    """Only Gaussians less opaque than this are retired by ``recycle_share``."""
 
     def __post_init__(self) -> None:
         if self.refine_every <= 0:
@@ -96,6 +103,8 @@ class DensifyStrategy:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.reset_value < 1.0:
             raise ValueError(f"reset_value must be in (0, 1), got {self.reset_value}")
+        if not 0.0 <= self.recycle_share < 1.0:
+            raise ValueError(f"recycle_share must be in [0, 1), got {self.recycle_share}")
 
     def initialize_state(self, n: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Fresh running statistics for ``n`` Gaussians, owned by the caller.
@@ -156,9 +165,10 @@ class DensifyStrategy:
             and step % self.refine_every == 0
             and (self.reset_every == 0 or step % self.reset_every >= self.pause_refine_after_reset)
         ):
+            retired = self._retire(gaussians, optimizer, state)
             counts["cloned"], counts["split"], origin = self._grow(
                 gaussians, optimizer, state, scene_scale, generator)
-            counts["pruned"] = self._prune(gaussians, optimizer, state, step, scene_scale, origin)
+            counts["pruned"] = retired + self._prune(gaussians, optimizer, state, step, scene_scale, origin)
             state.update(self.initialize_state(len(gaussians), state["grad2d"].device))
             log.debug("step %d: cloned %d, split %d, pruned %d -> %d Gaussians", step,
                       counts["cloned"], counts["split"], counts["pruned"], len(gaussians))
@@ -216,6 +226,27 @@ class DensifyStrategy:
         extent = radii.amax(dim=-1).float() / max(width, height)  # [C, N]
         extent = torch.where(vis, extent.to(device), torch.zeros_like(extent, device=device))
         state["radii"] = torch.maximum(state["radii"], extent.amax(dim=0))
+
+    def _retire(self, gaussians: GaussianSet, optimizer: Optional[torch.optim.Optimizer],
+                state: dict[str, Tensor]) -> int:
+        """Make room at the cap (``recycle_share``): remove the least opaque Gaussians below
+        ``recycle_opa``, with their statistics. Returns how many."""
+        n = len(gaussians)
+        if self.max_gaussians == 0 or self.recycle_share == 0.0:
+            return 0
+        wanted = int(self.recycle_share * n) - max(0, self.max_gaussians - n)
+        opacity = gaussians.opacities.detach()
+        faint = opacity < self.recycle_opa
+        k = min(wanted, int(faint.sum()), n - 1)
+        if k <= 0:
+            return 0
+        retire = torch.zeros_like(faint)
+        retire[torch.topk(torch.where(faint, -opacity, torch.full_like(opacity, -2.0)), k).indices] = True
+        ops.remove(gaussians, optimizer, retire)
+        keep = ~retire
+        for key in STATE_KEYS:
+            state[key] = state[key][keep.to(state[key].device)]
+        return k
 
     def _grow(
         self,

@@ -251,6 +251,37 @@ def test_max_gaussians_keeps_the_strongest() -> None:
     assert counts["cloned"] + counts["split"] == 0 and len(gs) == 13
 
 
+def test_recycling_at_the_cap_retires_the_faintest_for_the_strongest() -> None:
+    gs = make_set(20, scale=0.001, opacity=0.5)
+    with torch.no_grad():
+        gs.opacity_logits[[2, 6, 11]] = torch.logit(torch.tensor([0.02, 0.01, 0.03]))  # faint, above prune_opa
+        gs.opacity_logits[15] = torch.logit(torch.tensor(0.04))
+    opt = ops.make_optimizer(gs, LRS)
+    fill_state(opt, gs)
+    strategy = DensifyStrategy(refine_start_iter=0, refine_every=1, reset_every=0, max_gaussians=20,
+                               recycle_share=0.1, recycle_opa=0.05)
+    grads = torch.full((1, 20, 2), 1e-7)
+    grads[0, 4], grads[0, 9], grads[0, 6] = 9e-4, 5e-4, 8e-4  # row 6 is faint: retired, not grown
+    state = strategy.initialize_state(20)
+    means_before = gs.means.detach().clone()
+    counts = strategy.step_post_backward(gs, opt, state, 1, fake_meta(grads, torch.ones(1, 20, dtype=torch.bool)))
+    # 10 % of 20 = 2 retired (the two faintest: rows 6 and 2), and the two strongest left clone.
+    assert counts["pruned"] == 2 and counts["cloned"] == 2 and len(gs) == 20
+    kept = [i for i in range(20) if i not in (2, 6)]
+    torch.testing.assert_close(gs.means.detach()[:18], means_before[kept])
+    torch.testing.assert_close(gs.means.detach()[18:], means_before[[4, 9]])
+    assert_in_sync(gs, opt)
+    assert all(state[k].shape == (20,) for k in STATE_KEYS)
+    # Nothing faint enough: nothing retired, so no room to grow.
+    opaque = make_set(20, scale=0.001, opacity=0.5)
+    counts = DensifyStrategy(refine_start_iter=0, refine_every=1, reset_every=0, max_gaussians=20,
+                             recycle_share=0.1).step_post_backward(
+        opaque, None, strategy.initialize_state(20), 1, fake_meta(grads, torch.ones(1, 20, dtype=torch.bool)))
+    assert counts["pruned"] == 0 and counts["cloned"] == 0 and len(opaque) == 20
+    with pytest.raises(ValueError, match="recycle_share"):
+        DensifyStrategy(recycle_share=1.0)
+
+
 def test_prune_never_empties_the_set() -> None:
     gs = make_set(4, opacity=0.001)
     strategy = DensifyStrategy(refine_start_iter=0, refine_every=1, reset_every=0)
