@@ -109,11 +109,19 @@ def head_feather(head: Tensor, resolution: int) -> Tensor:
     The segmentation's head edge is a pixel or two off where hair meets the background; a hard
     edge would leave a rim of the original head (or a seam) around the new one.
     """
+    return _feather(head[..., 0], resolution, outwards=True)
+
+
+def _feather(mask: Tensor, resolution: int, outwards: bool) -> Tensor:
+    """[H, W, 1] soft version of ``mask`` [H, W]: grown (``outwards``) or shrunk by ``d`` =
+    :func:`feather_pixels`, then box-blurred over ``2 d + 1``, so the weight runs from 1 to 0
+    over the ``2 d`` pixels outside or inside the mask's edge."""
     d = feather_pixels(resolution)
-    m = head.float().permute(2, 0, 1)[None]  # [1, 1, H, W]
-    grown = torch.nn.functional.max_pool2d(m, 2 * d + 1, stride=1, padding=d)
-    soft = torch.nn.functional.avg_pool2d(grown, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
-    return soft[0].permute(1, 2, 0)  # [H, W, 1]
+    m = mask.float()[None, None]  # [1, 1, H, W]
+    pool = torch.nn.functional.max_pool2d
+    moved = pool(m, 2 * d + 1, stride=1, padding=d) if outwards else -pool(-m, 2 * d + 1, stride=1, padding=d)
+    soft = torch.nn.functional.avg_pool2d(moved, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
+    return soft[0].permute(1, 2, 0)
 
 
 def face_paste_weight(face: Tensor, resolution: int, jaw_room: float = JAW_ROOM) -> Tensor:
@@ -129,11 +137,7 @@ def face_paste_weight(face: Tensor, resolution: int, jaw_room: float = JAW_ROOM)
     room = max(1, round(jaw_room * resolution))
     # A pixel is inside when the face covers it or any of the ``room`` pixels above it.
     covered = torch.nn.functional.pad(face[..., 0].float().cumsum(0), (0, 0, room + 1, 0))
-    inside = (covered[room + 1:] > covered[: -room - 1]).float()[None, None]  # [1, 1, H, W]
-    d = feather_pixels(resolution)
-    shrunk = -torch.nn.functional.max_pool2d(-inside, 2 * d + 1, stride=1, padding=d)
-    soft = torch.nn.functional.avg_pool2d(shrunk, 2 * d + 1, stride=1, padding=d, count_include_pad=False)
-    return soft[0].permute(1, 2, 0)  # [H, W, 1]
+    return _feather(covered[room + 1:] > covered[: -room - 1], resolution, outwards=False)
 
 
 def frame_background(image: Tensor, head_weight: Tensor, plate_background: Tensor) -> Tensor:
