@@ -31,6 +31,12 @@ Parts, in order (a part that no longer fits in the budget is skipped, and says s
   wall time, its steps' seconds and DIR/metrics.json. Skipped when mediapipe or ffmpeg is
   missing; without ctranslate2 or the Whisper model it runs the same pipeline through
   :func:`avatar.demo.run_demo` with ``mel`` audio features (``variant`` says which ran).
+- ``gaussian_train``: ``avatar train SUBJECT --preset default --device cuda --no-eval`` on
+  ``--subject`` (run right after ``build``, before the tests) or else on the demo's subject
+  (after the demo), for at most ``--gaussian-seconds``: a 150-step probe
+  measures the steps per second, then the run trains the steps that fit, the preset's schedule
+  scaled to them (``planned_steps``, ``command``); its checkpoint stays in the work folder, to
+  be evaluated where mediapipe and ffmpeg are (``avatar eval RUN --subject SUBJECT``).
 - ``ngp_train``: when time is left, ``avatar train SUBJECT -o RUN --model ngp --device cuda --iters
   500`` on the demo's subject (or ``--subject``, e.g. one preprocessed elsewhere and carried): wall
   time, train PSNR and the validation metrics (``--no-eval`` when mediapipe or ffmpeg is missing).
@@ -42,7 +48,8 @@ a new /tmp folder, removed when there is no CUDA).
 Exit code: 0 when every part that ran passed, 1 when one failed, 2 without CUDA (or torch).
 
 ``--smoke`` checks this script, not the GPU: tiny sizes, on the CPU when there is no CUDA, the
-user's kernel cache, no nvcc compile tests, no demo and no training (20 s on 2 cores).
+user's kernel cache, no nvcc compile tests, no demo and no training (20 s on 2 cores); with
+``--subject``, gaussian_train's probe and fitted run on the CPU with the fast preset.
 """
 
 from __future__ import annotations
@@ -69,14 +76,14 @@ from typing import Any, Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
 
-PARTS = ("env", "build", "tests", "ngp_kernels", "rasterizer", "demo", "ngp_train")
+PARTS = ("env", "build", "tests", "ngp_kernels", "rasterizer", "demo", "gaussian_train", "ngp_train")
 """Every part, in the order they run."""
 
 PART_TIMEOUT_S = {"env": 90, "build": 180, "tests": 150, "ngp_kernels": 90, "rasterizer": 90, "demo": 300,
-                  "ngp_train": 240}
+                  "gaussian_train": 600, "ngp_train": 240}
 """Each part's own limit; the time left in the budget caps it further."""
 
-MIN_USEFUL_S = {"demo": 60, "ngp_train": 45}
+MIN_USEFUL_S = {"demo": 60, "gaussian_train": 90, "ngp_train": 45}
 """Parts skipped when less than this is left (a cut-short demo or training says nothing)."""
 
 IMPORTS = {
@@ -138,11 +145,12 @@ def _warning_lines(text: str, limit: int = 12) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: float, log: Path, env: Optional[dict[str, str]] = None,
-         cwd: Path = ROOT) -> tuple[Optional[int], float, str]:
+         cwd: Path = ROOT, interrupt_first: bool = False) -> tuple[Optional[int], float, str]:
     """Run ``cmd`` in its own process group with stdout and stderr in ``log``.
 
     Returns (exit code or None when it timed out, wall seconds, the log's text). On a timeout or
-    an interruption the whole group (the command and whatever it started) is stopped.
+    an interruption the whole group (the command and whatever it started) is stopped; with
+    ``interrupt_first`` it is sent SIGINT first (``avatar train`` then saves a checkpoint).
     """
     t0 = time.perf_counter()
     with open(log, "w") as out:
@@ -154,13 +162,14 @@ def _run(cmd: list[str], timeout: float, log: Path, env: Optional[dict[str, str]
             rc = None
         finally:
             if proc.poll() is None:
-                _stop_group(proc)
+                _stop_group(proc, interrupt_first)
     wall = time.perf_counter() - t0
     return rc, wall, log.read_text(errors="replace")
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+def _stop_group(proc: subprocess.Popen, interrupt_first: bool = False) -> None:
+    signals = ((signal.SIGINT, 15.0),) if interrupt_first else ()
+    for sig, grace in (*signals, (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -708,6 +717,78 @@ class Check:
             fields["log_tail"] = _tail(text)
         self.record("ngp_train", "failed" if "error" in fields else "ok", wall, **fields)
 
+    def gaussian_train_part(self, subject: Optional[Path]) -> None:
+        """The Gaussian avatar's ``default`` preset at 512 on CUDA, its schedule fitted to the time left.
+
+        The preset's 30000 steps take far longer than a lent machine's minutes, so a short probe
+        run measures the steps per second on this subject and GPU, and the run trains as many
+        steps as fit, every step of the preset's schedule (static phase, densification window,
+        audio smoothing, checkpoints) scaled by the same factor. Stopped at the part's limit, it
+        is interrupted (SIGINT), which saves a checkpoint of the step it reached.
+        """
+        if self.args.subject:
+            subject = Path(self.args.subject).resolve()
+        if "gaussian_train" in self.args.skip:
+            self.record("gaussian_train", "skipped", reason="--skip")
+            return
+        if subject is None or not (subject / "subject.json").is_file():
+            self.record("gaussian_train", "skipped", reason="no preprocessed subject: the demo did not make one "
+                                                            "and no --subject was given")
+            return
+        timeout = self.timeout_for("gaussian_train")
+        if timeout is None:
+            return
+        timeout = min(timeout, self.args.gaussian_seconds)
+        t0 = time.perf_counter()
+        device = "cuda" if self.report.get("cuda_available") else "cpu"
+        preset = "fast" if self.args.smoke else "default"
+        probe_steps = 20 if self.args.smoke else 150
+        probe = self.work / "gaussian-probe"
+        run = self.work / "gaussian-run"
+        for old in (probe, run):
+            if old.exists():
+                shutil.rmtree(old)
+        base = [sys.executable, "-m", "avatar.cli", "train", str(subject), "--preset", preset, "--device", device,
+                "--no-eval"]
+        fields: Result = {"subject": str(subject), "preset": preset, "device": device, "run": str(run)}
+        probe_cmd = base + ["-o", str(probe), "--iters", str(probe_steps), "--set", "static_iterations=10",
+                            "--set", "log_every=5", "--set", "checkpoint_minutes=0"]
+        rc, wall, text = _run(probe_cmd, max(timeout - 30, 10), self.work / "gaussian_probe.log", env=self.env)
+        self.logs["gaussian_probe"] = text
+        rate = _steps_per_second(probe / "tb", first_step=probe_steps // 5)
+        fields["probe"] = {"command": " ".join(probe_cmd[3:]), "exit_code": rc, "wall_seconds": round(wall, 1),
+                           "steps_per_second": None if rate is None else round(rate, 2)}
+        if rc != 0 or rate is None:
+            fields["error"] = f"the probe run failed (exit code {rc})" if rc != 0 else "the probe logged no steps"
+            fields["log_tail"] = _tail(text)
+            self.record("gaussian_train", "failed", time.perf_counter() - t0, **fields)
+            return
+        seconds_left = timeout - (time.perf_counter() - t0)
+        setup = max(wall - probe_steps / rate, 5.0)  # loading the subject and its (now built) cache, the first steps
+        steps = _fitted_steps(rate * GAUSSIAN_SPEED_MARGIN * (seconds_left - setup - 25), 2000 if self.args.smoke else 30000)
+        overrides = _scaled_schedule(preset, steps)
+        cmd = base + ["-o", str(run), "--iters", str(steps)] + [a for k, v in overrides.items()
+                                                                for a in ("--set", f"{k}={v}")]
+        rc, wall, text = _run(cmd, max(seconds_left - 5, 10), self.work / "gaussian_train.log", env=self.env,
+                              interrupt_first=True)
+        self.logs["gaussian_train"] = text
+        fields.update(command=" ".join(cmd[3:]), planned_steps=steps, exit_code=rc, wall_seconds=round(wall, 1),
+                      steps_per_second=_steps_per_second(run / "tb", first_step=30))
+        trained = re.search(r"Trained (\d+) steps in ([\d.]+) min: (.*?), train PSNR ([-\d.]+) dB", text)
+        if trained:
+            fields.update(steps=int(trained[1]), train_minutes=float(trained[2]), size=trained[3],
+                          train_psnr=float(trained[4]))
+        checkpoints = sorted((run / "checkpoints").glob("step_*.json"))
+        fields["last_checkpoint"] = str(checkpoints[-1].with_suffix(".safetensors")) if checkpoints else None
+        fields["warnings"] = _warning_lines(text)
+        if rc is None:
+            fields["error"] = f"stopped at the part's limit ({seconds_left:.0f} s); the last checkpoint is kept"
+        elif rc != 0:
+            fields["error"] = f"exit code {rc}"
+        if "error" in fields:
+            fields["log_tail"] = _tail(text)
+        self.record("gaussian_train", "failed" if "error" in fields else "ok", time.perf_counter() - t0, **fields)
+
     def run(self) -> int:
         env = self.env_part()
         if not env.get("cuda_available") and not self.args.smoke:
@@ -718,6 +799,9 @@ class Check:
                 self.report["parts"][name] = {"status": "skipped", "reason": "CUDA is not available"}
             return 2
         self.simple_child_part("build", ok=lambda r: bool(r.get("all_cuda_built")))
+        carried = bool(self.args.subject) and self.report.get("cuda_available")
+        if carried:  # a carried subject needs no demo: its training goes first, not squeezed out by the tests
+            self.gaussian_train_part(None)
         self.tests_part()
         self.simple_child_part("ngp_kernels", ok=lambda r: all(
             r.get(k, {}).get("kernel") == "ok" and not any("error" in row for row in r.get(k, {}).get("rows", []))
@@ -726,12 +810,67 @@ class Check:
         if self.args.smoke and not self.report.get("cuda_available"):
             for name in ("demo", "ngp_train"):
                 self.record(name, "skipped", reason="--smoke without CUDA (the demo takes minutes on a CPU)")
+            if self.args.subject:  # the time-fitted training's logic, on the CPU with the fast preset
+                self.gaussian_train_part(None)
         else:
-            self.ngp_train_part(self.demo_part())
+            subject = self.demo_part()
+            if not carried:
+                self.gaussian_train_part(subject)
+            self.ngp_train_part(subject)
         failed = [n for n, p in self.report["parts"].items() if p.get("status") == "failed"]
         where = self.report.get("device") or "no GPU (--smoke)"
         self.report["message"] = f"{where}: " + (f"failed: {', '.join(failed)}" if failed else "every part that ran passed")
         return 1 if failed else 0
+
+
+GAUSSIAN_SPEED_MARGIN = 0.7
+"""Share of the probe's speed planned for: the run densifies to several times the probe's
+Gaussians, and each step of it is slower."""
+
+SCHEDULE_STEPS = ("static_iterations", "smooth_audio_after", "strategy.refine_start_iter",
+                  "strategy.refine_stop_iter")
+"""The step counts of a preset's schedule that scale with its iterations."""
+
+
+def _fitted_steps(steps: float, most: int) -> int:
+    """A step count for a time-fitted run: rounded down to hundreds, between 200 and ``most``."""
+    return int(min(max(steps // 100 * 100, 200), most))
+
+
+def _scaled_schedule(preset: str, steps: int) -> dict[str, int]:
+    """``--set`` values that shrink the preset's schedule to ``steps`` iterations, in proportion."""
+    from avatar.train.trainer import make_config
+
+    config = make_config(preset)
+    factor = steps / config.iterations
+    scaled: dict[str, int] = {}
+    for name in SCHEDULE_STEPS:
+        value: Any = config
+        for key in name.split("."):
+            value = getattr(value, key)
+        scaled[name] = max(int(round(value * factor)), 1)
+    scaled["checkpoint_every"] = steps
+    scaled["preview_every"] = max(steps // 4, 1)
+    return scaled
+
+
+def _steps_per_second(tb_dir: Path, first_step: int = 0) -> Optional[float]:
+    """Training steps per second from a run's tensorboard log (the wall time of each logged step),
+    counted from ``first_step`` on, so that start-up and the first steps' warm-up are left out."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    if not tb_dir.is_dir():
+        return None
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/loss" not in events.Tags().get("scalars", []):
+        return None
+    points = [(e.step, e.wall_time) for e in events.Scalars("train/loss") if e.step >= first_step]
+    if len(points) < 2 or points[-1][1] <= points[0][1]:
+        return None
+    return (points[-1][0] - points[0][0]) / (points[-1][1] - points[0][1])
 
 
 def _git_commit() -> Optional[str]:
@@ -795,6 +934,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget", type=float, default=440.0, help="seconds for everything (default 440)")
     parser.add_argument("--work", default=None, help="folder for the kernel cache, logs, demo and run")
     parser.add_argument("--subject", default=None, help="preprocessed subject for ngp_train when the demo made none")
+    parser.add_argument("--gaussian-seconds", type=float, default=240.0,
+                        help="the most seconds of gaussian_train, its probe included (default 240)")
     parser.add_argument("--ngp-iters", type=int, default=500, help="iterations of the NGP training (default 500)")
     parser.add_argument("--skip", nargs="*", default=[], choices=PARTS[1:], help="parts not to run")
     parser.add_argument("--smoke", action="store_true",
