@@ -823,9 +823,10 @@ class Check:
         return 1 if failed else 0
 
 
-GAUSSIAN_SPEED_MARGIN = 0.7
+GAUSSIAN_SPEED_MARGIN = 0.55
 """Share of the probe's speed planned for: the run densifies to several times the probe's
-Gaussians, and each step of it is slower."""
+Gaussians, and each step of it is slower (on an H200 with the torch rasterizer, macron at 512:
+the runs averaged 0.62 and 0.64 of their probes' speed; 0.7 overran by 2 steps)."""
 
 SCHEDULE_STEPS = ("static_iterations", "smooth_audio_after", "strategy.refine_start_iter",
                   "strategy.refine_stop_iter")
