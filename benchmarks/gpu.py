@@ -778,6 +778,8 @@ class Check:
         if trained:
             fields.update(steps=int(trained[1]), train_minutes=float(trained[2]), size=trained[3],
                           train_psnr=float(trained[4]))
+        elif interrupted := re.search(r"Interrupted at step (\d+)", text):
+            fields["steps"] = int(interrupted[1])
         checkpoints = sorted((run / "checkpoints").glob("step_*.json"))
         fields["last_checkpoint"] = str(checkpoints[-1].with_suffix(".safetensors")) if checkpoints else None
         fields["warnings"] = _warning_lines(text)
