@@ -678,18 +678,23 @@ class Check:
         self.record("demo", "failed" if "error" in fields else "ok", wall, **fields)
         return subject if (subject / "subject.json").is_file() else None
 
+    def training_timeout(self, name: str, subject: Optional[Path]) -> Optional[float]:
+        """Training part ``name``'s time limit, or None after recording why it is skipped (``--skip``,
+        no preprocessed subject, out of time)."""
+        if name in self.args.skip:
+            self.record(name, "skipped", reason="--skip")
+            return None
+        if subject is None or not (subject / "subject.json").is_file():
+            self.record(name, "skipped", reason="no preprocessed subject: the demo did not make one and no "
+                                                "--subject was given")
+            return None
+        return self.timeout_for(name)
+
     def ngp_train_part(self, subject: Optional[Path]) -> None:
         if subject is None and self.args.subject:
             subject = Path(self.args.subject).resolve()
-        if "ngp_train" in self.args.skip:
-            self.record("ngp_train", "skipped", reason="--skip")
-            return
-        if subject is None or not (subject / "subject.json").is_file():
-            self.record("ngp_train", "skipped", reason="no preprocessed subject: the demo did not make one and no "
-                                                       "--subject was given")
-            return
-        timeout = self.timeout_for("ngp_train")
-        if timeout is None:
+        timeout = self.training_timeout("ngp_train", subject)
+        if subject is None or timeout is None:
             return
         run = self.work / "ngp-run"
         if run.exists():  # a run of an earlier check in the same --work
@@ -728,15 +733,8 @@ class Check:
         """
         if self.args.subject:
             subject = Path(self.args.subject).resolve()
-        if "gaussian_train" in self.args.skip:
-            self.record("gaussian_train", "skipped", reason="--skip")
-            return
-        if subject is None or not (subject / "subject.json").is_file():
-            self.record("gaussian_train", "skipped", reason="no preprocessed subject: the demo did not make one "
-                                                            "and no --subject was given")
-            return
-        timeout = self.timeout_for("gaussian_train")
-        if timeout is None:
+        timeout = self.training_timeout("gaussian_train", subject)
+        if subject is None or timeout is None:
             return
         timeout = min(timeout, self.args.gaussian_seconds)
         t0 = time.perf_counter()
