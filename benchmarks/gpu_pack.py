@@ -15,8 +15,8 @@ Here (the folder is ignored by git and named in the device call's ``carry``)::
 
 There (one call)::
 
-    python3 benchmarks/gpu_pack.py unpack .gpu && PYTHONPATH=$PWD/.gpu/site GPU_CHECK_LIMIT_S=550 \\
-      bash benchmarks/gpu.sh $OUT/gpu.json --subject .gpu/subject --gaussian-seconds 270 \\
+    export PYTHONPATH=$PWD:$PWD/.gpu/site; python3 benchmarks/gpu_pack.py unpack .gpu && \\
+      GPU_CHECK_LIMIT_S=550 bash benchmarks/gpu.sh $OUT/gpu.json --subject .gpu/subject --gaussian-seconds 270 \\
       --skip ngp_train --work /tmp/gw; python3 benchmarks/gpu_pack.py fetch /tmp/gw/gaussian-run $OUT
 
 Back here, with the returned files in FILES::
@@ -45,8 +45,6 @@ PIECE_BYTES = 15_000_000
 
 MOST_BYTES = 58_000_000
 """A checkpoint larger than this returns without its optimizer state (evaluation needs none)."""
-
-JPEG_QUALITY = 95  # as avatar.preprocess.track.JPEG_PARAMS
 
 
 def pack(subject: Path, out: Path, crf: int) -> None:
@@ -90,10 +88,10 @@ def unpack(folder: Path) -> None:
     """Write ``folder/subject/frames/%06d.jpg`` from ``folder/frames.mp4`` (needs only OpenCV)."""
     import cv2
 
+    from avatar.preprocess.track import JPEG_PARAMS  # the frames as avatar preprocess writes them
+
     frames = folder / "subject" / "frames"
     frames.mkdir(parents=True, exist_ok=True)
-    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-              cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
     video = cv2.VideoCapture(str(folder / "frames.mp4"))
     n = 0
     with ThreadPoolExecutor(8) as pool:
@@ -102,7 +100,7 @@ def unpack(folder: Path) -> None:
             ok, frame = video.read()
             if not ok:
                 break
-            writes.append(pool.submit(cv2.imwrite, str(frames / f"{n:06d}.jpg"), frame, params))
+            writes.append(pool.submit(cv2.imwrite, str(frames / f"{n:06d}.jpg"), frame, JPEG_PARAMS))
             n += 1
         if not all(w.result() for w in writes):
             sys.exit("could not write every frame")
