@@ -19,6 +19,16 @@ There (one call)::
       GPU_CHECK_LIMIT_S=550 bash benchmarks/gpu.sh $OUT/gpu.json --subject .gpu/subject --gaussian-seconds 270 \\
       --skip ngp_train --work /tmp/gw; python3 benchmarks/gpu_pack.py fetch /tmp/gw/gaussian-run $OUT
 
+gsplat, the Gaussian rasterizer's fast path, is not on that machine either. Its wheel is pure
+Python with the CUDA sources inside, compiled on first use with ninja; both wheels can travel
+with gsplat's pure-Python dependencies (here: ``pip download gsplat ninja jaxtyping wadler-lindig rich
+markdown-it-py mdurl pygments --no-deps -d WHEELS``, 8 MB, then ``pack ... --wheels WHEELS``):
+``unpack`` installs them into ``.gpu/site`` and ninja's program into ``.gpu/bin``. There, also
+``export PATH=$PWD/.gpu/bin:$PATH MAX_JOBS=16`` before ``gpu.sh``: its ``build`` part then compiles
+gsplat's kernels (gsplat says it may take a few minutes) and records how long it took, and every
+later part renders with gsplat, or with the PyTorch rasterizer and a warning saying why if the
+build failed. Not yet tried on a GPU: whether gsplat 1.5.3 builds against that machine's CUDA 13.
+
 Back here, with the returned files in FILES::
 
     python benchmarks/gpu_pack.py join FILES RUN && avatar eval RUN --subject SUBJECT
@@ -47,8 +57,9 @@ MOST_BYTES = 58_000_000
 """A checkpoint larger than this returns without its optimizer state (evaluation needs none)."""
 
 
-def pack(subject: Path, out: Path, crf: int) -> None:
-    """Write ``out``: the subject without frames, its frames as a video, the mediapipe stand-in."""
+def pack(subject: Path, out: Path, crf: int, wheels: Path | None = None) -> None:
+    """Write ``out``: the subject without frames, its frames as a video, the mediapipe stand-in,
+    and the ``*.whl`` files of ``wheels`` (installed by :func:`unpack`)."""
     import imageio_ffmpeg
 
     if not (subject / "subject.json").is_file():
@@ -65,6 +76,13 @@ def pack(subject: Path, out: Path, crf: int) -> None:
                     str(subject / "frames" / "%06d.jpg"), "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
                     "-pix_fmt", "yuv444p", str(out / "frames.mp4")], check=True)
     _write_mediapipe_stand_in(out / "site")
+    if wheels is not None:
+        found = sorted(wheels.glob("*.whl"))
+        if not found:
+            sys.exit(f"{wheels} holds no .whl file")
+        (out / "wheels").mkdir(exist_ok=True)
+        for wheel in found:
+            shutil.copy2(wheel, out / "wheels" / wheel.name)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(json.dumps({"packed": str(out), "bytes": size, "frames_video_bytes": (out / "frames.mp4").stat().st_size}))
 
@@ -84,8 +102,42 @@ def _write_mediapipe_stand_in(site: Path) -> None:
         f"FACEMESH_TESSELATION = frozenset([\n    {edges},\n])\n")
 
 
+def install_wheels(wheels: Path, site: Path, bin_dir: Path) -> list[str]:
+    """Unzip each wheel of ``wheels`` into ``site`` (what pip does for a pure-Python wheel), its
+    ``*.data/scripts/`` programs into ``bin_dir`` with their permissions; returns the wheels' names.
+
+    Without pip or a network on the GPU machine this is the whole install; a wheel's compiled
+    parts (gsplat's CUDA) are built there on first use.
+    """
+    import zipfile
+
+    names = []
+    for wheel in sorted(wheels.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as archive:
+            for info in archive.infolist():
+                if info.is_dir():
+                    continue
+                parts = Path(info.filename).parts
+                if len(parts) == 3 and parts[0].endswith(".data") and parts[1] == "scripts":
+                    target = bin_dir / parts[2]
+                elif parts[0].endswith(".data"):
+                    continue  # headers and data files: nothing gsplat or ninja needs
+                else:
+                    target = site / info.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(info))
+                mode = (info.external_attr >> 16) & 0o777
+                if mode:
+                    target.chmod(mode)
+        names.append(wheel.name)
+    return names
+
+
 def unpack(folder: Path) -> None:
-    """Write ``folder/subject/frames/%06d.jpg`` from ``folder/frames.mp4`` (needs only OpenCV)."""
+    """Write ``folder/subject/frames/%06d.jpg`` from ``folder/frames.mp4`` (needs only OpenCV), and
+    install the carried wheels (``folder/wheels``) into ``folder/site`` and ``folder/bin``."""
+    if (folder / "wheels").is_dir():
+        print(json.dumps({"installed": install_wheels(folder / "wheels", folder / "site", folder / "bin")}))
     import cv2
 
     from avatar.preprocess.track import JPEG_PARAMS  # the frames as avatar preprocess writes them
@@ -166,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("subject", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--crf", type=int, default=10, help="x264 quality of the frames video (default 10)")
+    p.add_argument("--wheels", type=Path, default=None, help="a folder of wheels to carry (gsplat, ninja)")
     p = sub.add_parser("unpack", help="there: FOLDER/frames.mp4 -> FOLDER/subject/frames")
     p.add_argument("folder", type=Path)
     p = sub.add_parser("fetch", help="there: RUN's config and newest checkpoint -> OUT in pieces")
@@ -176,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run", type=Path)
     args = parser.parse_args(argv)
     if args.command == "pack":
-        pack(args.subject, args.out, args.crf)
+        pack(args.subject, args.out, args.crf, args.wheels)
     elif args.command == "unpack":
         unpack(args.folder)
     elif args.command == "fetch":

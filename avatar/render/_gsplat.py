@@ -14,6 +14,7 @@ Not yet run on a GPU in this project's CI: written against gsplat's documented A
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import Tensor
@@ -21,11 +22,32 @@ from torch import Tensor
 
 def gsplat_available() -> bool:
     """Whether ``import gsplat`` works (it compiles or loads its CUDA kernels lazily itself)."""
+    return gsplat_problem(kernels=False) is None
+
+
+@functools.cache
+def gsplat_problem(kernels: bool = True) -> str | None:
+    """Why gsplat cannot rasterize here, or None when it can.
+
+    ``import gsplat`` succeeds without its CUDA kernels: they are compiled on first use (minutes,
+    once per machine), and a toolchain that cannot build them raises only then, in the middle of
+    a render. With ``kernels`` the build is triggered now, so that a failed one is a reason to
+    render with the PyTorch backend instead of a crash. The answer is kept for the process: a
+    failed build is not retried at every render.
+    """
     try:
         import gsplat  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA toolchain raising at import
-        return False
-    return True
+    except Exception as err:  # ImportError, or a broken CUDA toolchain raising at import
+        return f"gsplat is not installed ({type(err).__name__}: {err})"
+    if not kernels:
+        return None
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception as err:
+        return f"gsplat's CUDA kernels did not build ({type(err).__name__}: {str(err)[:300]})"
+    if _C is None:
+        return "gsplat's CUDA kernels did not build (gsplat found no CUDA toolkit)"
+    return None
 
 
 def rasterize_gsplat(

@@ -217,13 +217,12 @@ def _choose_backend(backend: str, means: Tensor) -> str:
     if backend == "gsplat":
         if not on_cuda:
             raise ValueError(f"backend='gsplat' needs CUDA tensors, got tensors on {means.device}")
-        from avatar.render._gsplat import gsplat_available
+        from avatar.render._gsplat import gsplat_problem
 
-        if not gsplat_available():
-            raise ValueError(
-                "backend='gsplat' needs the gsplat package: pip install gsplat "
-                "(or use backend='torch')"
-            )
+        problem = gsplat_problem()
+        if problem is not None:
+            raise ValueError(f"backend='gsplat' cannot run: {problem}; pip install gsplat with a working "
+                             "CUDA toolkit, or use backend='torch'")
         return "gsplat"
     if backend == "cpu":
         if means.device.type != "cpu":
@@ -239,13 +238,14 @@ def _choose_backend(backend: str, means: Tensor) -> str:
     if backend == "torch":
         return "torch"
     if on_cuda:
-        from avatar.render._gsplat import gsplat_available
+        from avatar.render._gsplat import gsplat_problem
 
-        if gsplat_available():
+        problem = gsplat_problem()
+        if problem is None:
             return "gsplat"
         warnings.warn(
-            "gsplat is not installed; rendering CUDA tensors with the slower pure-PyTorch "
-            "rasterizer (pip install gsplat for the fast path)",
+            f"{problem}; rendering CUDA tensors with the slower pure-PyTorch rasterizer "
+            "(pip install gsplat, with a CUDA toolkit that builds it, for the fast path)",
             RuntimeWarning,
             stacklevel=3,
         )
