@@ -92,14 +92,15 @@ def eval_command(job: Job, args: argparse.Namespace) -> list[str]:
     return cmd + (["--no-landmarks"] if args.no_landmarks else [])
 
 
-def _interrupt(proc: subprocess.Popen) -> None:
-    """SIGINT (``avatar train`` saves a checkpoint of the step it reached), then SIGKILL after 30 s."""
-    os.killpg(proc.pid, signal.SIGINT)
+INTERRUPT_GRACE_S = 30.0
+"""How long an interrupted training may take to save its checkpoint before it is killed."""
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
 
 
 def run_jobs(jobs: list[Job], subject: Path, args: argparse.Namespace) -> None:
@@ -126,8 +127,13 @@ def run_jobs(jobs: list[Job], subject: Path, args: argparse.Namespace) -> None:
             pending.clear()
         for job in list(training):
             if late and job.proc.poll() is None:
-                job.interrupted = True
-                _interrupt(job.proc)
+                # SIGINT to every run at once (``avatar train`` saves a checkpoint of the step it
+                # reached), SIGKILL to one still running after the grace.
+                if not job.interrupted:
+                    job.interrupted = True
+                    _signal(job.proc, signal.SIGINT)
+                elif time.monotonic() > deadline + INTERRUPT_GRACE_S:
+                    _signal(job.proc, signal.SIGKILL)
             if job.proc.poll() is not None:
                 job.returncode = job.proc.returncode
                 job.seconds = round(time.monotonic() - job.started, 1)
