@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional
 
 import numpy as np
 import pytest
 
 from avatar import media
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> Iterator[ModuleType]:
+    """Import ``benchmarks/NAME.py`` (a script, not a package) for the tests of its helpers, with
+    ``benchmarks/`` on the path for its ``_common`` import; undone afterwards (a generator, for a
+    fixture to ``yield from``)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"avatar_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(BENCHMARKS))
 
 
 def tone(seconds: float, rate: int = media.AUDIO_RATE, freq: float = 180.0) -> np.ndarray:

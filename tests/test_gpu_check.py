@@ -3,26 +3,16 @@ a renamed config option or a changed log would break the check where nobody can 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from avatar.configs import merge
 from avatar.train.trainer import make_config
-
-GPU_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("avatar_gpu_check", GPU_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("gpu")
 
 
 def test_fitted_steps_rounds_down_and_clamps(gpu):

@@ -3,7 +3,6 @@ programs into a bin folder, executable, as pip would install them there."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
@@ -13,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
-GPU_PACK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_pack.py"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu_pack():
-    spec = importlib.util.spec_from_file_location("avatar_gpu_pack", GPU_PACK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_benchmark("gpu_pack")
 
 
 def _wheel(path: Path) -> Path:

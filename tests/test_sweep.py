@@ -5,26 +5,17 @@ runs that trained to the end enter a variant's mean. Real trainings are replaced
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    sys.path.insert(0, str(BENCHMARKS))  # sweep.py imports benchmarks/_common.py
-    spec = importlib.util.spec_from_file_location("avatar_sweep", BENCHMARKS / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(BENCHMARKS))
+    yield from load_benchmark("sweep")
 
 
 def test_a_variant_is_a_name_and_set_options(sweep):
