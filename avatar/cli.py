@@ -214,7 +214,11 @@ def _validation_summary(m: dict) -> str:
     parts = [f"PSNR {m['psnr']:.2f} dB (face pasted into the frame; whole head {m['psnr_frame']:.2f} into the "
              f"frame, {m['psnr_plate']:.2f} over the plate)"]
     if m.get("psnr_head") is not None:
-        parts.append(f"head PSNR {m['psnr_head']:.2f} dB")
+        head = f"head PSNR {m['psnr_head']:.2f} dB"
+        tracked = m.get("psnr_head_tracked")
+        if tracked is not None and abs(tracked - m["psnr_head"]) >= 0.005:
+            head += f" ({tracked:.2f} at the tracked poses)"
+        parts.append(head)
     parts.append(f"SSIM {m['ssim']:.3f}")
     if m.get("lmd") is not None:
         parts.append(f"LMD {m['lmd']:.2f} px")

@@ -287,6 +287,10 @@ def discard_checkpoints_after(paths: RunPaths, step: int) -> None:
                 p.unlink(missing_ok=True)
 
 
+POSE_CORRECTIONS = "poses/head_corrections"
+"""Checkpoint tensor [T, 6] of a run's head pose corrections (see :class:`LoadedAvatar`)."""
+
+
 def model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
 
@@ -403,6 +407,9 @@ class LoadedAvatar:
     """Side of the training images, pixels."""
     config: dict[str, Any]
     """The run's whole ``config.json``."""
+    pose_corrections: Optional[torch.Tensor] = None
+    """[T, 6] the run's refinement of its subject's tracked head poses for whole-head composites
+    (held-out frames aligned to the avatar at the end of training; zeros elsewhere), or None."""
 
 
 def load_avatar(run_dir: Path | str, device: str = "auto", step: Optional[int] = None,
@@ -428,8 +435,10 @@ def load_avatar(run_dir: Path | str, device: str = "auto", step: Optional[int] =
     except (RuntimeError, KeyError) as err:
         raise AvatarError(f"the checkpoint of {run_dir} does not fit its config.json ({err}); train again.") from None
     model = model.to(resolve_device(device)).eval()
+    corrections = tensors.get(POSE_CORRECTIONS)
     return LoadedAvatar(model=model, kind=kind, step=int(meta["step"]), subject_dir=subject_dir,
-                        resolution=_resolution(data, subject_dir), config=data)
+                        resolution=_resolution(data, subject_dir), config=data,
+                        pose_corrections=None if corrections is None else corrections.float())
 
 
 def _resolution(config: dict[str, Any], subject_dir: Optional[Path]) -> int:

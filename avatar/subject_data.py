@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from avatar import topology
-from avatar.errors import InputError
+from avatar.errors import AvatarError, InputError
 from avatar.models.talking_head import BLINK_NAMES, GAZE_FEATURES, LAG_FEATURES, POSE_FEATURES
+from avatar.preprocess.face_model import so3_exp
 from avatar.progress import Progress
 from avatar.subject import LABEL, Subject
 
@@ -48,7 +49,10 @@ class Frame:
     mouth_box: tuple[int, int, int, int]
     """x0, y0, x1, y1 around the lips, in training pixels."""
     viewmat: Tensor
-    """[4, 4] world-to-camera."""
+    """[4, 4] world-to-camera of the tracked pose (the face's)."""
+    head_viewmat: Tensor
+    """[4, 4] world-to-camera that the whole head is rendered at when it goes into this frame:
+    the tracked pose refined by the run (:attr:`SubjectData.head_viewmats`)."""
     K: Tensor
     """[3, 3] intrinsics at the training resolution."""
     motion: Tensor
@@ -145,6 +149,16 @@ def frame_background(image: Tensor, head_weight: Tensor, plate_background: Tenso
     image`` for ``w`` = :func:`head_feather`, so the head's place shows the neck plate (as over the
     plate) and its rim fades from the plate composite into the frame. [H, W, 3]"""
     return head_weight * plate_background + (1.0 - head_weight) * image
+
+
+def pose_correction_matrices(deltas: Tensor) -> Tensor:
+    """[T, 4, 4] rigid transforms of the head from corrections [T, 6]: an axis-angle rotation
+    (radians) about the head's origin, then a translation in world units. A frame's refined
+    world-to-camera matrix is ``viewmat @ pose_correction_matrices(delta)``; differentiable."""
+    top = torch.cat([so3_exp(deltas[:, :3]), deltas[:, 3:, None]], 2)
+    bottom = torch.zeros_like(top[:, :1])
+    bottom[..., 3] = 1.0
+    return torch.cat([top, bottom], 1)
 
 
 def scaled_intrinsics(K: np.ndarray, from_size: int, to_size: int) -> np.ndarray:
@@ -325,7 +339,10 @@ class SubjectData:
 
     def __init__(self, subject_dir: Path | str, resolution: int, motion_features: Sequence[str],
                  device: torch.device | str = "cpu", progress: Optional[Progress] = None,
-                 mouth_targets: Sequence[str] = ()):
+                 mouth_targets: Sequence[str] = (), pose_corrections: Optional[Tensor] = None):
+        """``pose_corrections`` [T, 6]: a run's refinement of the tracked head poses
+        (:func:`pose_correction_matrices`), giving :attr:`head_viewmats`; :attr:`viewmats` and the
+        motion condition keep the tracked pose that the avatar was trained on."""
         self.subject = Subject(subject_dir)
         self.resolution = resolution
         self.device = torch.device(device)
@@ -336,6 +353,15 @@ class SubjectData:
         self.neck_plate = self._plate(self.subject.neck_plate())
         self.K = torch.from_numpy(scaled_intrinsics(tracks["intrinsics"], m.size, resolution)).float().to(self.device)
         self.viewmats = torch.linalg.inv(torch.from_numpy(tracks["cam_to_world"]).double()).float().to(self.device)
+        self.head_viewmats = self.viewmats
+        """[T, 4, 4] where the whole head goes into each frame (``frame`` and ``plate`` composites):
+        the tracker fits the face's landmarks, and a run may align the rest of the head (hair,
+        ears) better (:mod:`avatar.train.pose_align`); the ``face`` composite keeps :attr:`viewmats`."""
+        if pose_corrections is not None:
+            if tuple(pose_corrections.shape) != (len(self.viewmats), 6):
+                raise AvatarError(f"the run's pose corrections are for {len(pose_corrections)} frames, the subject has "
+                                  f"{len(self.viewmats)}; was it preprocessed again? Train the run again.")
+            self.head_viewmats = self.viewmats @ pose_correction_matrices(pose_corrections.float().to(self.device))
         self.valid = tracks["valid"].astype(bool)
         train = self.split("train")
         self.pose_reference = mean_head_rotation(tracks["cam_to_world"][train if len(train) else slice(None)])
@@ -404,5 +430,6 @@ class SubjectData:
             index=int(index), image=image, background=background, plate_background=plate, head_mask=head.float(),
             skin_mask=(labels == LABEL["face"])[..., None].float(),
             mouth_mask=(labels == LABEL["mouth_interior"])[..., None].float(),
-            mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index], K=self.K, motion=self.motion[index],
+            mouth_box=self.mouth_box(int(index)), viewmat=self.viewmats[index],
+            head_viewmat=self.head_viewmats[index], K=self.K, motion=self.motion[index],
         )

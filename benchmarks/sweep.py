@@ -39,8 +39,8 @@ from typing import Any, Optional
 import numpy as np
 from _common import avatar_cmd, machine_info, work_dir
 
-KEEP = ("psnr", "psnr_frame", "psnr_plate", "psnr_head", "ssim", "lmd", "temporal_psnr_head", "head_jitter_px",
-        "region_psnr")
+KEEP = ("psnr", "psnr_frame", "psnr_plate", "psnr_head", "psnr_head_tracked", "ssim", "lmd", "temporal_psnr_head",
+        "head_jitter_px", "region_psnr")
 
 
 @dataclass
@@ -171,7 +171,7 @@ def summarise(jobs: list[Job]) -> dict[str, Any]:
         rows = [job.result for job in jobs
                 if job.variant == variant and "error" not in job.result and not job.interrupted and job.returncode == 0]
         stats: dict[str, Any] = {"seeds": len(rows)}
-        for key in ("psnr", "psnr_frame", "psnr_head", "temporal_psnr_head", "lmd"):
+        for key in ("psnr", "psnr_frame", "psnr_head", "psnr_head_tracked", "temporal_psnr_head", "lmd"):
             values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
             if values:
                 stats[key] = {"mean": round(float(np.mean(values)), 3), "min": round(min(values), 3),

@@ -48,7 +48,8 @@ def _run_case(name: str, subject: Path, work: Path, args: argparse.Namespace) ->
     manifest = json.loads((subject / "subject.json").read_text())
     metrics_path = run / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    keep = ("psnr", "psnr_head", "ssim", "lmd", "mouth_corr", "n_frames", "steps", "train_seconds", "n_gaussians")
+    keep = ("psnr", "psnr_head", "psnr_head_tracked", "ssim", "lmd", "mouth_corr", "n_frames", "steps", "train_seconds",
+            "n_gaussians")
     return {
         "case": name,
         "subject": str(subject),
@@ -58,7 +59,8 @@ def _run_case(name: str, subject: Path, work: Path, args: argparse.Namespace) ->
         "resolution": resolution,
         "seconds": round(wall, 1),
         "peak_rss_mb": round(peak_mb, 1),
-        **{f"val_{k}" if k in ("psnr", "psnr_head", "ssim", "lmd", "mouth_corr", "n_frames") else k: metrics.get(k)
+        **{f"val_{k}" if k in ("psnr", "psnr_head", "psnr_head_tracked", "ssim", "lmd", "mouth_corr", "n_frames")
+           else k: metrics.get(k)
            for k in keep},
     }
 

@@ -47,25 +47,36 @@ def _u8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
+TRACKED = "frame_tracked"
+"""The whole head into the frame at the tracked pose, whether or not the run aligned it: what
+``psnr_head_tracked`` is measured on."""
+
+
 @torch.no_grad()
 def render_split(model: AvatarModel, data: SubjectData, indices: np.ndarray, progress: Optional[Progress] = None,
                  step_name: str = "evaluate"):
     """Yield (index, {composite: rendered uint8 [H, W, 3]}, the head's alpha [H, W], frame) for
-    each index, rendering with its true condition.
+    each index, rendering with its true condition; the dict also holds :data:`TRACKED`.
 
-    The head is rendered once, over nothing, and composited every way of
-    :data:`avatar.subject_data.COMPOSITES`: ``rgb`` over black is the head premultiplied by its alpha.
+    The head is rendered over nothing and composited every way of
+    :data:`avatar.subject_data.COMPOSITES` (``rgb`` over black is the head premultiplied by its
+    alpha): once at the tracked pose, and once more for the whole-head composites where the run
+    aligned the frame's head pose (:attr:`avatar.subject_data.Frame.head_viewmat`).
     """
     r = data.resolution
     driver = SpeechDriver(model, data)
     for i in track(indices, step_name, len(indices), progress):
         frame = data.frame(int(i))
         cond = driver.subject_condition([int(i)])
-        out = model.render(FrameCondition(cond.audio[0], cond.motion[0]), frame.viewmat, frame.K, r, r, None)
+        condition = FrameCondition(cond.audio[0], cond.motion[0])
+        out = model.render(condition, frame.viewmat, frame.K, r, r, None)
+        tracked = _u8(out["rgb"] + (1 - out["head_alpha"]) * frame.background)
+        face = _u8(frame.paste_face(out["rgb"] + (1 - out["head_alpha"]) * frame.background))
+        if not torch.equal(frame.head_viewmat, frame.viewmat):
+            out = model.render(condition, frame.head_viewmat, frame.K, r, r, None)
         head, alpha = out["rgb"], out["head_alpha"]
-        whole = head + (1 - alpha) * frame.background
-        images = {"face": _u8(frame.paste_face(whole)), "frame": _u8(whole),
-                  "plate": _u8(head + (1 - alpha) * frame.plate_background)}
+        images = {"face": face, "frame": _u8(head + (1 - alpha) * frame.background),
+                  "plate": _u8(head + (1 - alpha) * frame.plate_background), TRACKED: tracked}
         yield int(i), images, alpha[..., 0], frame
 
 
@@ -80,7 +91,7 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
         raise ValueError(f"the {split} split has no tracked frames")
     model.eval()
     psnrs: dict[str, list[float]] = {name: [] for name in COMPOSITES}
-    head_psnrs, ssims, lpipses = [], [], []
+    head_psnrs, tracked_psnrs, ssims, lpipses = [], [], [], []
     regions = RegionErrors(MASK_LEGEND)
     temporal = TemporalStability(data.resolution)
     start = time.perf_counter()
@@ -96,14 +107,15 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
             gt = frame.image.cpu()
             gt_u8 = (gt * 255).round().byte().numpy()
             as_float = {name: torch.from_numpy(image).float() / 255.0 for name, image in images.items()}
-            for name, image in as_float.items():
-                psnrs[name].append(psnr(image, gt))
+            for name in COMPOSITES:
+                psnrs[name].append(psnr(as_float[name], gt))
             # The video people get is the default composite; what the model renders is judged on
             # the whole head (the face composite shows the frame's own hair).
             pred_u8, pred, whole = images[DEFAULT_COMPOSITE], as_float[DEFAULT_COMPOSITE], as_float["frame"]
             head = frame.head_mask[..., 0].cpu() > 0.5
             if head.any():
                 head_psnrs.append(psnr(whole, gt, mask=head))
+                tracked_psnrs.append(psnr(as_float[TRACKED], gt, mask=head))
             temporal.add(index, whole, gt, head_alpha, head)
             ssims.append(ssim(pred, gt))
             regions.add(whole, gt, np.asarray(data.masks[frame.index]))
@@ -125,6 +137,7 @@ def evaluate_model(model: AvatarModel, data: SubjectData, split: str = "val", pr
         "psnr_frame": float(np.mean(psnrs["frame"])),
         "psnr_plate": float(np.mean(psnrs["plate"])),
         "psnr_head": float(np.mean(head_psnrs)) if head_psnrs else None,
+        "psnr_head_tracked": float(np.mean(tracked_psnrs)) if tracked_psnrs else None,
         "ssim": float(np.mean(ssims)),
         "lpips": float(np.mean(lpipses)) if lpipses else None,
         "lmd": None,
@@ -231,7 +244,7 @@ def evaluate_run(run_dir: Path | str, split: str = "val", json_path: Optional[Pa
         fps = read_manifest(avatar.subject_dir).fps
         driving = [load_driving_video(p, fps, tmp / f"speech{i}.wav", progress) for i, p in enumerate(drives)]
         data = SubjectData(avatar.subject_dir, avatar.resolution, avatar.model.motion_features,
-                           resolve_device(device), progress)
+                           resolve_device(device), progress, pose_corrections=avatar.pose_corrections)
         metrics = evaluate_model(avatar.model, data, split, progress, video=Path(video_path) if video_path else None)
         if driving:
             size = drive_size or avatar.resolution

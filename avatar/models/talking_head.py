@@ -315,6 +315,13 @@ class TalkingHead(SpeechConditioned):
         (the rasterizer's, for densification).
         """
         face_layer, mouth_layer = self.deform(cond)
+        return self.render_layers(face_layer, mouth_layer, viewmat, K, width, height, background, backend, layers)
+
+    def render_layers(self, face_layer: "LayerGaussians", mouth_layer: "LayerGaussians", viewmat: Tensor, K: Tensor,
+                      width: int, height: int, background: Optional[Tensor] = None, backend: str = "auto",
+                      layers: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+        """Render layers already deformed by :meth:`deform` (what :meth:`render` returns): many
+        views of one frame's head, such as a pose fit's steps, deform it once."""
         return self._composite(face_layer, mouth_layer, viewmat, K, width, height, background, backend,
                                self.layers if layers is None else layers)
 

@@ -139,7 +139,10 @@ def rendered_batches(driver: SpeechDriver, speech: SpeechSource, plan: DrivePlan
         t0 = time.perf_counter()
         subject_frames = [data.frame(int(i)) for i in driven.subject_frames]
         backgrounds = torch.stack([f.over(under) for f in subject_frames])
-        frames = model.render_many(driven.condition, driven.viewmats, data.K, size, size, backgrounds)
+        views = driven.viewmats
+        if not paste and plan.viewmats is None:  # the whole head goes where the frame's head is
+            views = data.head_viewmats[torch.as_tensor(driven.subject_frames, device=views.device)]
+        frames = model.render_many(driven.condition, views, data.K, size, size, backgrounds)
         if paste:
             frames = torch.stack([f.paste_face(rendered) for f, rendered in zip(subject_frames, frames)])
         images = (frames.clamp(0, 1) * 255).round().byte().cpu().numpy()
@@ -176,7 +179,8 @@ def render_speech(run_dir: Path | str, speech: Path | str, output: Path | str,
         wav = tmp / "speech.wav"
         duration = media.decode_audio_to_wav(speech, wav)
         check_speech(wav, speech)
-        data = SubjectData(avatar.subject_dir, size, model.motion_features, device, progress)
+        data = SubjectData(avatar.subject_dir, size, model.motion_features, device, progress,
+                           pose_corrections=avatar.pose_corrections)
         driver = SpeechDriver(model, data)
         n = max(1, int(round(duration * driver.fps)))
         plan = driver.plan(n, DriveOptions(pose=options.pose, blink=options.blink, seed=options.seed,

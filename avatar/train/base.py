@@ -104,6 +104,10 @@ class TrainerBase:
         codes = self.model.audio_codes(self.data.audio_features, idx, smooth=self.step >= cfg.smooth_audio_after)
         return mouth_readout_loss(self.model.predict_mouth(codes), self.data.mouth_targets[idx])
 
+    def finish(self) -> bool:
+        """Work once the steps are done (True: a checkpoint of it is due). Nothing by default."""
+        return False
+
     @property
     def n_gaussians(self) -> Optional[int]:
         """The model's Gaussians; None for a kind that has none."""

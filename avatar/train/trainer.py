@@ -38,6 +38,7 @@ from avatar.image_metrics import lpips_network
 from avatar.models import TalkingHead, TalkingHeadConfig
 from avatar.progress import Progress, null_progress, report_status
 from avatar.run import (
+    POSE_CORRECTIONS,
     RunPaths,
     model_kind_of,
     model_state,
@@ -54,6 +55,7 @@ from avatar.train.config import BaseTrainConfig
 from avatar.train.losses import LossWeights, compute_loss
 from avatar.train.ngp_trainer import NGPTrainConfig, NGPTrainer
 from avatar.train.ops import make_optimizer
+from avatar.train.pose_align import PoseAlignConfig, align_poses
 from avatar.train.strategy import DensifyStrategy
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class TrainConfig(BaseTrainConfig):
     lr: LearningRates = field(default_factory=LearningRates)
     loss: LossWeights = field(default_factory=LossWeights)
     strategy: DensifyStrategy = field(default_factory=DensifyStrategy)
+    pose_align: PoseAlignConfig = field(default_factory=PoseAlignConfig)
+    """The held-out frames' head poses, aligned to the finished avatar (:mod:`avatar.train.pose_align`)."""
     mouth_max_gaussians: int = 0
     """Cap of the mouth-interior set (0: the strategy's ``max_gaussians``). Without it the mouth
     branch keeps growing behind the lips and cheeks, where the face layer hides it: render time
@@ -237,6 +241,7 @@ class _Trainer(TrainerBase):
             self.config = cfg = dataclasses.replace(cfg, model=self.model.config)
             self.save_config()
         self.scene_scale = _scene_scale(meta) if meta else scene_scale_of(self.model)
+        self.pose_corrections: Optional[Tensor] = None
         self.lpips_net = None
         if cfg.loss.lpips > 0:
             self.lpips_net = lpips_network(cfg.loss.lpips_net, str(self.device))
@@ -273,6 +278,7 @@ class _Trainer(TrainerBase):
                 name = f"strategy/{layer}/{key}"
                 if name in tensors:
                     self.strategy_state[layer][key] = tensors[name].to(self.device)
+        self.pose_corrections = tensors.get(POSE_CORRECTIONS)
         self.restore_random_state(tensors)
 
     # -- schedule ---------------------------------------------------------------------------
@@ -324,6 +330,22 @@ class _Trainer(TrainerBase):
     def size(self) -> str:
         return f"{self.n_gaussians} Gaussians"
 
+    def finish(self) -> bool:
+        """Align the held-out frames' head poses to the trained avatar, once (True: a checkpoint
+        with them is due)."""
+        cfg = self.config
+        if self.pose_corrections is not None or cfg.pose_align.steps <= 0:
+            return False
+        held_out = self.data.split("val")
+        corrections = torch.zeros(self.data.n_frames, 6, device=self.device)
+        if len(held_out):
+            self.model.eval()
+            corrections[torch.as_tensor(held_out, device=self.device)] = align_poses(
+                self.model, self.data, held_out, cfg.pose_align, cfg.background, self.scene_scale, self.progress)
+            self.model.train()
+        self.pose_corrections = corrections
+        return True
+
     @property
     def n_gaussians(self) -> Optional[int]:
         return len(self.model.face) + len(self.model.mouth)
@@ -338,6 +360,8 @@ class _Trainer(TrainerBase):
             for key, value in state.items():
                 if torch.is_tensor(value):
                     extra[f"strategy/{layer}/{key}"] = value
+        if self.pose_corrections is not None:
+            extra[POSE_CORRECTIONS] = self.pose_corrections
         save_checkpoint(self.paths, self.step, self.model, self.optimizers, extra,
                         {"scene_scale": self.scene_scale, "n_face": len(self.model.face),
                          "n_mouth": len(self.model.mouth)})
@@ -424,6 +448,8 @@ def train(
             if step % 5 == 0:
                 report_status(progress, "train", f"loss {parts['loss']:.4f} psnr {psnr_avg:.2f} {trainer.size()}")
             report("train", step, config.iterations)
+        if trainer.finish():
+            trainer.save()
     except KeyboardInterrupt:
         # Ctrl-C: keep what was learned, so that --resume continues from here.
         if trainer.paths.latest_checkpoint() != trainer.step:

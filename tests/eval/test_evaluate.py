@@ -23,8 +23,8 @@ def test_eval_writes_json_and_video(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(js.read_text())
     assert metrics["composite"] == "face"
-    for key in ("psnr", "psnr_frame", "psnr_plate", "psnr_head", "ssim", "lpips", "lmd", "mouth_corr", "n_frames", "render_fps",
-                "resolution", "device"):
+    for key in ("psnr", "psnr_frame", "psnr_plate", "psnr_head", "psnr_head_tracked", "ssim", "lpips", "lmd",
+                "mouth_corr", "n_frames", "render_fps", "resolution", "device"):
         assert key in metrics
     # An empty head scores psnr 17.7 / psnr_head 11.2 on this fixture, the 6-step run 22.9 / 19.4.
     assert metrics["n_frames"] > 0 and metrics["psnr"] > 20.0 and metrics["psnr_head"] > 16.0, metrics

@@ -75,7 +75,7 @@ def _loss_frame(skin: torch.Tensor, inside: torch.Tensor) -> Frame:
     return Frame(index=0, image=torch.full((h, w, 3), 0.5), background=torch.zeros(h, w, 3),
                  plate_background=torch.zeros(h, w, 3),
                  head_mask=skin + inside, skin_mask=skin, mouth_mask=inside, mouth_box=(0, 0, 0, 0),
-                 viewmat=torch.eye(4), K=torch.eye(3), motion=torch.zeros(4))
+                 viewmat=torch.eye(4), head_viewmat=torch.eye(4), K=torch.eye(3), motion=torch.zeros(4))
 
 
 def test_face_layer_is_opaque_over_the_skin_and_open_over_the_mouth_interior():
