@@ -29,6 +29,11 @@ class DemoConfig:
     device: str = "auto"
     audio_features: str = "whisper"
     """Speech features of the subject (see ``avatar preprocess --audio-features``)."""
+    align_poses: bool = False
+    """Align the held-out frames' head poses at the end of training (``pose_align``). The demo's
+    video pastes the face at the tracked pose, which the alignment does not touch; it would only
+    change the whole-head figures of the eval, for about 70 s of the 10 minutes (measured:
+    10 min 11 s with it, psnr_head 34.66 against 34.33 dB)."""
 
 
 @dataclass
@@ -74,7 +79,8 @@ def run_demo(out_dir: Path | str, config: DemoConfig = DemoConfig(), progress: O
             timed("train", lambda: train(subject, run, resume=True, overrides=overrides, device=config.device,
                                          progress=progress))
     else:
-        timed("train", lambda: train(subject, run, preset=config.preset, overrides=overrides, device=config.device,
+        fresh = {**(overrides or {}), **({} if config.align_poses else {"pose_align": {"steps": 0}})}
+        timed("train", lambda: train(subject, run, preset=config.preset, overrides=fresh or None, device=config.device,
                                      progress=progress))
     video = out / "avatar_says_new_speech.mp4"
     timed("render", lambda: render_speech(run, speech.audio, video, RenderOptions(device=config.device), progress))
