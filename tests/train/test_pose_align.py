@@ -139,3 +139,58 @@ def test_render_puts_the_whole_head_at_the_aligned_pose_and_pastes_the_face_at_t
 
     assert np.array_equal(frames(plain, "face"), frames(aligned, "face"))
     assert not np.array_equal(frames(plain, "frame"), frames(aligned, "frame"))
+
+
+def test_keyframes_spread_evenly_over_a_long_split_with_both_ends():
+    from avatar.train.pose_align import _keyframes
+
+    assert np.array_equal(_keyframes(5, 0), np.arange(5))
+    assert np.array_equal(_keyframes(5, 60), np.arange(5))
+    keys = _keyframes(115, 60)
+    assert len(keys) == 60 and keys[0] == 0 and keys[-1] == 114
+    assert np.all(np.diff(keys) >= 1) and np.diff(keys).max() <= 2
+    assert np.array_equal(_keyframes(10, 1), np.array([0, 9]))
+
+
+def test_corrections_between_keyframes_are_interpolated_in_time():
+    from avatar.train.pose_align import _interpolated
+
+    fitted = torch.zeros(5, 6)
+    fitted[0, 1], fitted[4, 1] = 0.1, 0.3
+    guess = _interpolated(fitted, np.array([0, 4]))
+    assert torch.allclose(guess[:, 1], torch.tensor([0.1, 0.15, 0.2, 0.25, 0.3]))
+    assert torch.count_nonzero(guess[:, [0, 2, 3, 4, 5]]) == 0
+
+
+def test_a_split_longer_than_max_frames_fits_keyframes_and_interpolates_the_rest(tiny_run):
+    """Every frame moved by the same known turn: the fitted keyframes find it, the frames between
+    them take their interpolation (it fits them better than the tracked pose), and no frame is
+    left worse than the tracker left it."""
+    avatar, data = _subject_data(tiny_run)
+    model = avatar.model
+    true = torch.tensor([0.0, 0.05, 0.02, 0.0, 0.0, 0.0])
+    indices = data.split("train")[:5]
+    _rendered_frames(avatar, data, true)
+    config = PoseAlignConfig(steps=60, lr=3e-3, face_weight=1.0, max_frames=2)
+    found = align_poses(model, data, indices, config, "plate", scene_scale_of(model))
+    assert found.shape == (5, 6)
+    error_before = float(true[:3].norm())
+    for row in found:
+        assert float((row[:3] - true[:3]).norm()) < 0.5 * error_before
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters()), "the model is left untouched"
+
+
+def test_an_interpolation_that_fits_worse_than_the_tracked_pose_is_not_taken(tiny_run):
+    """Keyframes moved by a turn, the frames between them not moved at all: they keep the tracked pose."""
+    avatar, data = _subject_data(tiny_run)
+    model = avatar.model
+    indices = data.split("train")[:3]
+    _rendered_frames(avatar, data, torch.tensor([0.0, 0.05, 0.02, 0.0, 0.0, 0.0]))
+    moved, middle = data.frame, int(indices[1])
+    _rendered_frames(avatar, data, torch.zeros(6))
+    still = data.frame
+    data.frame = lambda index: still(index) if index == middle else moved(index)
+    config = PoseAlignConfig(steps=60, lr=3e-3, face_weight=1.0, max_frames=2)
+    found = align_poses(model, data, indices, config, "plate", scene_scale_of(model))
+    assert torch.count_nonzero(found[0]) > 0 and torch.count_nonzero(found[2]) > 0
+    assert torch.count_nonzero(found[1]) == 0
