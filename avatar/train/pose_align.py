@@ -60,7 +60,7 @@ class PoseAlignConfig(Config):
     max_frames: int = 60
     """At most this many held-out frames are fitted (0: all); a longer split has that many fitted,
     evenly spread, and the frames between them take the correction interpolated between their
-    fitted neighbours where it beats the tracked pose (one render each). The fit costs 1-1.5 s a
+    fitted neighbours where it beats the tracked pose (two renders each). The fit costs 1-1.5 s a
     frame at 256 px on a 2-core CPU, so without a bound a 5-minute clip's 680 held-out frames would
     add 10-17 minutes to training. On a 50 s clip (115 held-out frames) fitting every other frame
     gave psnr_head 31.11 dB as fitting all of them did (60 s against 107 s); every fourth 30.96."""
@@ -187,7 +187,7 @@ def align_poses(model: TalkingHead, data: SubjectData, indices: np.ndarray, conf
 def _between_keys(model: TalkingHead, data: SubjectData, indices: np.ndarray, keys: np.ndarray, fitted: Tensor,
                   config: PoseAlignConfig, background: str, scene_scale: float, report: Progress) -> Tensor:
     """The frames between fitted keys take the correction interpolated from their keys where it
-    fits them better than the tracked pose (one render each against a fit's dozen)."""
+    fits them better than the tracked pose (two renders each, against a fit's dozen steps)."""
     out = fitted.clone()
     guess = _interpolated(fitted, keys)
     between = np.setdiff1d(np.arange(len(indices)), keys)
